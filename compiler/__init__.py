@@ -1,0 +1,270 @@
+"""onnxopt: a verified ONNX graph optimizer.
+
+    import onnxopt
+    result = onnxopt.optimize("in.onnx", "out.onnx", passes=["fold", "cleanup"])
+    result = onnxopt.optimize(model_proto, passes=["fold"])   # result.model is the new ModelProto
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import onnx
+
+from . import io, verify
+from .errors import ModelError, OnnxoptError, UsageError, VerificationError
+from .graph import Model, count_nodes, count_params, export_model, import_model
+from .pipeline import Context, Pass, PassRecord, order_passes, parse_options, parse_pass_list, registry, run_passes
+
+__all__ = ["optimize", "Result", "Pass", "Context", "registry", "OnnxoptError", "UsageError", "ModelError",
+           "VerificationError"]
+__version__ = "0.1.0"
+
+VERIFY_MODES = ("none", "final", "each")
+
+
+@dataclass
+class Result:
+    """What `optimize` did: per-pass records, verification metrics, before/after sizes."""
+
+    passes: list[PassRecord]
+    verification: dict
+    before: dict
+    after: dict
+    seconds: float
+    order_note: str | None = None
+    output: str | None = None
+    written: list[str] = field(default_factory=list)
+    model: onnx.ModelProto | None = None  # set when no output path was given
+
+    def as_dict(self) -> dict:
+        return _finite({
+            "passes": [r.as_dict() for r in self.passes],
+            "order_note": self.order_note,
+            "verification": self.verification,
+            "before": self.before,
+            "after": self.after,
+            "seconds": self.seconds,
+            "output": self.output,
+            "written": self.written,
+        })
+
+
+def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None = None,
+             passes=("fold", "cleanup"), *, verify: str = "final", inputs: dict | str | None = None,
+             input_shapes: dict | list | None = None, options: dict | list | None = None, target: str = "onnx",
+             external_data: bool | None = None, calibration_data=None,
+             progress: Callable[[str], None] | None = None) -> Result:
+    """Run the selected passes on a model file or ModelProto, verify, and write `output` atomically.
+
+    options: {"fold": {"size_limit": 1024}} or ["fold.size_limit=1024"]. inputs: feeds for
+    verification (dict or .npz path). input_shapes: {"x": [1, 3, 224, 224]} or ["x=1x3x224x224"].
+    Raises UsageError (bad arguments), ModelError (bad input model), VerificationError (a pass
+    changed the outputs; nothing is written) or OnnxoptError.
+    """
+    start = time.perf_counter()
+    say = progress or (lambda message: None)
+    names = parse_pass_list(passes)
+    ordered = order_passes(names)
+    note = None if ordered == names else f"passes reordered to respect their dependencies: {','.join(ordered)}"
+    pass_options = parse_options(_option_items(options), ordered)
+    if verify not in VERIFY_MODES:
+        raise UsageError(f"bad --verify {verify!r}: expected one of {', '.join(VERIFY_MODES)}")
+    shapes = verify_shapes(input_shapes)
+    given = verify_mod.load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
+
+    in_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    out_path = os.fspath(output) if output is not None else None
+    if in_path is not None:
+        io.check_input_path(in_path)
+    if out_path is not None:
+        io.check_output_path(in_path, out_path)
+    say("loading")
+    if in_path is not None:
+        proto = io.load_model(in_path)
+        size_before = _file_size(in_path, proto)
+    elif isinstance(model, onnx.ModelProto):
+        io.check_model(model)
+        proto = model
+        size_before = _proto_size(proto)
+    else:
+        raise UsageError(f"model must be a path or an onnx.ModelProto, not {type(model).__name__}")
+
+    m = import_model(proto)
+    before = {"nodes": count_nodes(m.graph), "params": count_params(m.graph), "size": size_before}
+    ctx = Context(target=target, calibration_data=calibration_data, inputs=given)
+
+    check = _Checker(verify, m, shapes, given, in_path, proto, say)
+    each = (lambda p, record: check.after_pass(p, record, m)) if verify == "each" else None
+    records = run_passes(m, ordered, pass_options, ctx, after_each=each,
+                         progress=lambda i, n, name: say(f"[{i + 1}/{n}] {name}"))
+    after_nodes, after_params = count_nodes(m.graph), count_params(m.graph)
+    say("exporting")
+    out_model = export_model(m)
+    del m, proto, each  # the input's tensors are no longer needed: keep memory near one model
+
+    pending = None
+    written: list[str] = []
+    try:
+        if out_path is not None:
+            pending = io.PendingOutput(out_model, out_path, external_data)
+            out_model = None
+            io.check_model(path=pending.tmp_model)
+            check.final(pending.tmp_model, ordered)
+            size_after = _file_size(pending.tmp_model, None, pending.tmp_data)
+            written = pending.commit()
+            pending = None
+        else:
+            io.check_model(out_model)
+            with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
+                check.final(verify_mod.write_for_runtime(out_model, tmp), ordered)
+            size_after = _proto_size(out_model)
+    except VerificationError as e:
+        if verify == "final" and len(ordered) > 1 and check.reference is not None:
+            _localize(model, ordered, pass_options, ctx, shapes, given, say)
+        raise
+    except ModelError as e:
+        raise OnnxoptError(f"internal error: the optimized model is invalid ({e}); please report it") from None
+    finally:
+        if pending is not None:
+            pending.discard()
+    return Result(
+        passes=records, verification=check.summary(), before=before,
+        after={"nodes": after_nodes, "params": after_params, "size": size_after},
+        seconds=time.perf_counter() - start, order_note=note, output=out_path, written=written,
+        model=out_model)
+
+
+verify_mod = verify  # the module, shadowed by optimize()'s `verify` argument
+
+
+def verify_shapes(input_shapes) -> dict:
+    if input_shapes is None:
+        return {}
+    if isinstance(input_shapes, dict):
+        return {k: [int(d) for d in v] for k, v in input_shapes.items()}
+    return verify_mod.parse_input_shapes(input_shapes)
+
+
+def _option_items(options) -> list[str]:
+    if options is None:
+        return []
+    if isinstance(options, dict):
+        return [f"{p}.{k}={v}" for p, fields in options.items() for k, v in fields.items()]
+    return list(options)
+
+
+class _Checker:
+    """Verification state: reference outputs, the previous stage's outputs, the metrics."""
+
+    def __init__(self, mode, m: Model, shapes, given, in_path, proto, say):
+        self.mode, self.say = mode, say
+        self.reference = None
+        self.previous = None
+        self.skipped = "--verify none" if mode == "none" else None
+        self.outputs: list[dict] = []
+        if mode == "none":
+            return
+        self.feeds = verify_mod.make_inputs(m.graph, shapes, given)
+        say("running the original model")
+        try:
+            if in_path is not None:
+                self.reference = verify_mod.run_model(in_path, self.feeds)
+            else:
+                with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
+                    self.reference = verify_mod.run_model(verify_mod.write_for_runtime(proto, tmp), self.feeds)
+        except verify_mod.RuntimeUnavailable as e:
+            self.skipped = str(e)
+        self.previous = self.reference
+
+    def after_pass(self, p: Pass, record: PassRecord, m: Model) -> None:
+        if self.reference is None:
+            record.verification_skipped = self.skipped
+            return
+        self.say(f"verifying {p.name}")
+        with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
+            path = verify_mod.write_for_runtime(export_model(m), tmp, consume=True)
+            try:
+                got = verify_mod.run_model(path, self.feeds)
+            except verify_mod.RuntimeUnavailable as e:
+                raise VerificationError(f"pass {p.name!r} produced a model onnxruntime cannot run: {e}",
+                                        pass_name=p.name) from None
+        metrics = verify_mod.compare(self.previous, got, p.tolerance)
+        record.verification = [x.as_dict() for x in metrics]
+        _raise_if_bad(metrics, f"pass {p.name!r}", p.name)
+        self.previous = got
+
+    def final(self, path: str, ordered: list[str]) -> None:
+        if self.reference is None:
+            return
+        self.say("verifying the result")
+        try:
+            got = verify_mod.run_model(path, self.feeds)
+        except verify_mod.RuntimeUnavailable as e:
+            raise VerificationError(f"the optimized model cannot run on onnxruntime: {e}") from None
+        metrics = verify_mod.compare(self.reference, got, _tolerance(ordered))
+        self.outputs = [x.as_dict() for x in metrics]
+        label = f"pass {ordered[0]!r}" if len(ordered) == 1 else f"passes {','.join(ordered)}"
+        _raise_if_bad(metrics, label, ordered[0] if len(ordered) == 1 else None)
+
+    def summary(self) -> dict:
+        return {"mode": self.mode, "skipped": self.skipped, "outputs": self.outputs}
+
+
+def _tolerance(ordered: list[str]) -> str:
+    known = registry()
+    kinds = {known[n].tolerance for n in ordered}
+    return "lossy" if "lossy" in kinds else "fp32" if "fp32" in kinds else "exact"
+
+
+def _raise_if_bad(metrics, label: str, pass_name: str | None) -> None:
+    for x in metrics:
+        if not x.ok:
+            detail = x.note or f"max abs err {x.max_abs:.3g}, max rel err {x.max_rel:.3g}, cosine {x.cosine:.6f}"
+            raise VerificationError(f"{label} changed output {x.name!r}: {detail} "
+                                    "(tolerance rtol 1e-4 / atol 1e-5); nothing was written",
+                                    pass_name=pass_name, output=x.name)
+
+
+def _localize(model, ordered, pass_options, ctx, shapes, given, say) -> None:
+    """A final check failed after several passes: rerun verifying each pass to name the culprit."""
+    say("finding the pass that changed the outputs")
+    proto = io.load_model(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else model
+    m = import_model(proto)
+    check = _Checker("each", m, shapes, given, None, proto, say)
+    run_passes(m, ordered, pass_options, ctx, after_each=lambda p, r: check.after_pass(p, r, m))
+    # No pass failed on its own: the caller re-raises the original error.
+
+
+def _file_size(path: str, proto, extra: str | None = None) -> int:
+    total = os.path.getsize(path)
+    if extra and os.path.exists(extra):
+        total += os.path.getsize(extra)
+    if proto is not None:
+        folder = os.path.dirname(os.path.abspath(path))
+        locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        total += sum(os.path.getsize(os.path.join(folder, loc)) for loc in locations
+                     if os.path.exists(os.path.join(folder, loc)))
+    return total
+
+
+def _proto_size(proto: onnx.ModelProto) -> int | None:
+    try:
+        return proto.ByteSize()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _finite(x: Any):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x

@@ -1,0 +1,136 @@
+"""The `onnxopt` command: parse, call optimize, print the summary, exit code.
+
+Exit codes: 0 success, 1 failure (bad model, verification failed, cannot write), 2 usage error.
+Every error is one line on stderr; `-v` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from . import optimize
+from .errors import OnnxoptError, UsageError
+from .pipeline import registry
+from .report import summary_lines, write_report
+
+
+class Progress:
+    """One self-overwriting status line on a terminal; silent in a pipe or with -q."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.shown = False
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r\033[Konnxopt: {message}...")
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("input_path", metavar="INPUT", required=False)
+@click.option("-o", "--output", "output_path", metavar="OUTPUT", help="Where to write the optimized model.")
+@click.option("--passes", default="fold,cleanup", show_default=True, metavar="LIST",
+              help="Comma-separated passes to run (see --list-passes); reordered to respect dependencies.")
+@click.option("--opt", "opts", multiple=True, metavar="PASS.OPTION=VALUE", help="A pass option; repeatable.")
+@click.option("--verify", "verify_mode", default="final", show_default=True,
+              help="Check outputs against onnxruntime: none, final (result vs original) or each (after every pass).")
+@click.option("--inputs", "inputs_path", metavar="FILE.npz", help="Inputs for verification: one array per graph input.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDx..",
+              help="Shape of a graph input with dynamic dimensions, for generated inputs; repeatable.")
+@click.option("--target", default="onnx", show_default=True,
+              help="onnx: standard operators only; ort: also onnxruntime's com.microsoft operators.")
+@click.option("--external-data", is_flag=True,
+              help="Write tensors to OUTPUT.data beside the model (always done above 2 GB).")
+@click.option("--report", "report_path", metavar="FILE.json", help="Write per-pass counts and times, metrics, sizes.")
+@click.option("--list-passes", is_flag=True, help="List the passes and their options, then exit.")
+@click.option("-v", "--verbose", is_flag=True, help="Per-output metrics, and tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.version_option(package_name="onnxopt")
+def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_shapes, target, external_data,
+        report_path, list_passes, verbose, quiet):
+    """Optimize the ONNX model INPUT and write it to OUTPUT, verified against onnxruntime.
+
+    Example: onnxopt model.onnx -o model.opt.onnx --passes fold,cleanup
+    """
+    if list_passes:
+        click.echo(passes_table())
+        return 0
+    if not input_path:
+        raise UsageError("missing INPUT model path")
+    if not output_path:
+        raise UsageError("missing -o OUTPUT path")
+    if target not in ("onnx", "ort"):
+        raise UsageError(f"bad --target {target!r}: expected onnx or ort")
+    if report_path:
+        folder = os.path.dirname(os.path.abspath(report_path))
+        if os.path.isdir(report_path) or not os.access(folder, os.W_OK):
+            raise UsageError(f"cannot write --report to {report_path}")
+    progress = Progress(enabled=not quiet and sys.stderr.isatty())
+    try:
+        result = optimize(input_path, output_path, passes=passes, verify=verify_mode, inputs=inputs_path,
+                          input_shapes=list(input_shapes), options=list(opts), target=target,
+                          external_data=True if external_data else None, progress=progress)
+    finally:
+        progress.clear()
+    if report_path:
+        write_report(result, report_path)
+    if not quiet:
+        lines = [f"onnxopt: wrote {output_path}"] + summary_lines(result, verbose)
+        if result.verification["skipped"] and verify_mode != "none":
+            lines.append(f"onnxopt: warning: verification skipped: {result.verification['skipped']}")
+        click.echo("\n".join(lines), err=True)
+    return 0
+
+
+def passes_table() -> str:
+    import dataclasses
+
+    lines = []
+    for name, p in registry().items():
+        after = f" (after {', '.join(p.after)})" if p.after else ""
+        lines.append(f"{name:<10} {p.summary}{after} [{p.tolerance}]")
+        for f in dataclasses.fields(p.Options):
+            lines.append(f"{'':<10}   --opt {name}.{f.name}={f.default}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    verbose = any(a in ("-v", "--verbose") for a in args)
+    try:
+        code = cli.main(args=args, prog_name="onnxopt", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:  # click's own usage errors
+        _fail(e.format_message(), 2, verbose)
+    except OnnxoptError as e:
+        _fail(str(e), e.exit_code, verbose)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _fail("interrupted", 130, False)
+    except Exception as e:  # noqa: BLE001 - a bug: still one line unless -v
+        _fail(f"internal error: {type(e).__name__}: {e}", 1, verbose)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exc()
+    text = " ".join(str(message).split())
+    sys.stderr.write(f"onnxopt: error: {text}\n")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

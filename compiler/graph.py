@@ -1,0 +1,406 @@
+"""Helpers over onnx-graphsurgeon: import/export that keep model-level fields, walking subgraphs,
+constants, consumers, replacing tensors and fresh names.
+
+The graph IR is onnx-graphsurgeon's `gs.Graph`. A tensor's `.inputs` are its producers and its
+`.outputs` its consumers (including nodes inside subgraphs that read it from the outer scope).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+from onnx_graphsurgeon.logger import G_LOGGER
+
+G_LOGGER.severity = G_LOGGER.ERROR
+
+# Ops whose result is not a function of their inputs: never folded nor merged.
+NONDETERMINISTIC = {
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+}
+STANDARD_DOMAINS = ("", "ai.onnx", None)  # gs spells the default domain None
+
+
+@dataclass
+class Model:
+    """An imported model: the graph passes rewrite, plus what the exporter must put back."""
+
+    graph: gs.Graph
+    meta: onnx.ModelProto  # model-level fields only (graph left empty)
+    value_info_names: set[str] = field(default_factory=set)  # names that had value_info in the input
+    dropped_initializers: int = 0  # initializers no node used (gs drops them at import)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference (with data propagation) on a copy stripped of large tensor data.
+
+    Returns the inferred copy; the caller takes value_info from it. Inference never needs the
+    values of large weights, so this works for models over 2 GB and costs little memory.
+    """
+    skeleton = _without_large_data(model)
+    try:
+        return onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; passes work without shapes
+        return skeleton
+
+
+def _without_large_data(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
+    """A copy of the model whose large main-graph initializers are stubs (dims and type only)."""
+    out = onnx.ModelProto()
+    _copy_model_fields(model, out)
+    out.functions.extend(model.functions)
+    for fd, value in model.graph.ListFields():
+        if fd.name == "initializer":
+            continue
+        if _is_repeated(fd):
+            getattr(out.graph, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(out.graph, fd.name).CopyFrom(value)
+        else:
+            setattr(out.graph, fd.name, value)
+    for t in model.graph.initializer:
+        if _tensor_nbytes(t) <= limit or t.data_location == onnx.TensorProto.EXTERNAL:
+            out.graph.initializer.append(t)
+        else:
+            stub = out.graph.initializer.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            entry = stub.external_data.add()
+            entry.key, entry.value = "location", "stripped"
+    return out
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data from its dims and type, without touching the data."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 8
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+
+
+def import_model(model: onnx.ModelProto, shapes: bool = True) -> Model:
+    """Build the graph IR from a ModelProto. The proto's tensors are shared, not copied."""
+    value_info_names = _value_info_names(model.graph)
+    n_value_info = len(model.graph.value_info)
+    used = _used_names(model.graph)
+    dropped = sum(1 for t in model.graph.initializer if t.name not in used)
+    if shapes:
+        inferred = infer_shapes(model)
+        known = value_info_names | {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+        extra = [vi for vi in inferred.graph.value_info if vi.name not in known]
+        model.graph.value_info.extend(extra)
+    try:
+        graph = gs.import_onnx(model)
+    finally:
+        if shapes:
+            del model.graph.value_info[n_value_info:]
+    meta = onnx.ModelProto()
+    _copy_model_fields(model, meta)
+    meta.graph.metadata_props.extend(model.graph.metadata_props)
+    return Model(graph, meta, value_info_names, dropped)
+
+
+def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    """Copy every model-level field but the graph and functions (no tensor data is copied)."""
+    for fd, value in src.ListFields():
+        if fd.name in ("graph", "functions"):
+            continue
+        dst.ClearField(fd.name)
+        if _is_repeated(fd):
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _is_repeated(fd) -> bool:
+    repeated = getattr(fd, "is_repeated", None)  # protobuf >= 6; `label` before
+    return repeated if repeated is not None else fd.label == fd.LABEL_REPEATED
+
+
+def _value_info_names(graph: onnx.GraphProto) -> set[str]:
+    names = {vi.name for vi in graph.value_info}
+    for sub in _proto_subgraphs(graph):
+        names |= _value_info_names(sub)
+    return names
+
+
+def _proto_subgraphs(graph: onnx.GraphProto):
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield attr.g
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                yield from attr.graphs
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+    for sub in _proto_subgraphs(graph):
+        used |= _used_names(sub)
+    return used
+
+
+def export_model(m: Model) -> onnx.ModelProto:
+    """Build the ModelProto: graph from the IR, model-level fields and opset imports from the input.
+
+    Written straight into one new ModelProto so each weight is copied once (gs.export_onnx and
+    onnx.helper.make_model would copy every tensor twice more).
+    """
+    graph = m.graph
+    out = onnx.ModelProto()
+    _copy_model_fields(m.meta, out)  # metadata, doc string, producer, IR version, opsets...
+    out.graph.metadata_props.extend(m.meta.graph.metadata_props)
+    _export_graph(graph, out.graph, m.value_info_names)
+    out.functions.extend(OnnxExporter.export_function(f) for f in graph.functions)
+    have = {o.domain for o in out.opset_import}
+    out.opset_import.extend(o for o in update_import_domains(graph) if o.domain not in have)  # new domains
+    if out.ir_version < 4:
+        _initializers_as_inputs(out.graph)
+    return out
+
+
+def _export_graph(graph: gs.Graph, dst: onnx.GraphProto, keep: set[str]) -> None:
+    dst.name = graph.name or ""
+    if graph.doc_string:
+        dst.doc_string = graph.doc_string
+    dst.node.extend(OnnxExporter.export_node(n) for n in graph.nodes)
+    dst.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    dst.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            if isinstance(t._values, SparseValues):
+                dst.sparse_initializer.append(OnnxExporter.export_sparse_tensor_proto(t))
+            else:
+                dst.initializer.append(OnnxExporter.export_tensor_proto(t))
+        elif t.name in keep and t.name not in io_names and (t.dtype is not None or t.shape is not None):
+            # value_info the input had; inferred shapes are for the passes, not for the output file
+            dst.value_info.append(OnnxExporter.export_value_info_proto(t, False))
+    for sub in _proto_subgraphs(dst):
+        _keep_value_info(sub, keep)
+
+
+def _keep_value_info(graph: onnx.GraphProto, keep: set[str]) -> None:
+    # gs writes value_info for every typed tensor of a subgraph; keep what the input had.
+    vis = [vi for vi in graph.value_info if vi.name in keep]
+    del graph.value_info[:]
+    graph.value_info.extend(vis)
+    for sub in _proto_subgraphs(graph):
+        _keep_value_info(sub, keep)
+
+
+def _initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    # IR version 3 requires every initializer to be listed among the graph inputs.
+    names = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if t.name not in names:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
+# ----------------------------------------------------------------------------------- walking
+
+
+def all_graphs(graph: gs.Graph):
+    """The graph and every subgraph nested in its nodes' attributes, parents first."""
+    yield graph
+    for node in graph.nodes:
+        for sub in subgraphs(node):
+            yield from all_graphs(sub)
+
+
+def subgraphs(node: gs.Node):
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                if isinstance(v, gs.Graph):
+                    yield v
+
+
+def count_nodes(graph: gs.Graph) -> int:
+    return sum(len(g.nodes) for g in all_graphs(graph))
+
+
+def count_params(graph: gs.Graph) -> int:
+    """Elements in initializers and Constant nodes."""
+    seen: dict[int, int] = {}
+    for g in all_graphs(graph):
+        for node in g.nodes:
+            tensors = list(node.inputs)
+            if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+                tensors.append(node.attrs["value"])
+            for t in tensors:
+                if isinstance(t, gs.Constant) and id(t) not in seen:
+                    seen[id(t)] = int(np.prod(t.shape)) if t.shape is not None else 0
+    return sum(seen.values())
+
+
+# ----------------------------------------------------------------------------------- tensors
+
+
+def is_constant(t: gs.Tensor, graph: gs.Graph) -> bool:
+    """A constant the graph can rely on: an initializer that is not also an overridable input."""
+    if not isinstance(t, gs.Constant):
+        return False
+    if t in graph.inputs:
+        return (graph.ir_version or 0) < 4  # before IR 4 initializers listed as inputs are fixed
+    return True
+
+
+def values(t: gs.Constant) -> np.ndarray:
+    """A constant's values without caching them on the tensor: gs's `.values` keeps the loaded
+    array, which would double the memory of every weight we look at and stop the exporter from
+    reusing the input's TensorProto."""
+    if isinstance(t._values, LazyValues):
+        return t._values.load()
+    return np.asarray(t.values)
+
+
+def producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if t.inputs else None
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> int:
+    """Point every consumer of `old` (in any graph) at `new`. Returns the number of inputs changed."""
+    changed = 0
+    for node in list(old.outputs):
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
+                changed += 1
+    return changed
+
+
+def output_tensors(graph: gs.Graph) -> set[int]:
+    return {id(t) for t in graph.outputs}
+
+
+def bypass(graph: gs.Graph, node: gs.Node, keep: gs.Tensor, graph_outputs: set[int], local: set[int]) -> bool:
+    """Remove a node that passes `keep` through unchanged to its single output.
+
+    Consumers of the output read `keep` instead. When the output is a graph output its name must
+    survive: the producer of `keep` is then renamed to write the output directly, which is only
+    possible when `keep` is a plain intermediate of this graph (`local`: ids of the graph's nodes).
+    Returns False if not possible.
+    """
+    out = node.outputs[0]
+    if id(out) not in graph_outputs:
+        replace_uses(out, keep)
+        node.outputs.clear()
+        node.inputs.clear()
+        return True
+    src = producer(keep)
+    if (src is None or id(keep) in graph_outputs or keep in graph.inputs
+            or isinstance(keep, gs.Constant) or id(src) not in local):
+        return False
+    node.outputs.clear()
+    node.inputs.clear()
+    replace_uses(keep, out)
+    src.outputs[src.outputs.index(keep)] = out
+    if out.dtype is None:
+        out.dtype = keep.dtype
+    if out.shape is None:
+        out.shape = keep.shape
+    return True
+
+
+class Names:
+    """Fresh tensor/node names that collide with nothing in the model."""
+
+    def __init__(self, graph: gs.Graph):
+        self.used = set()
+        for g in all_graphs(graph):
+            self.used.update(g.tensors().keys())
+            self.used.update(n.name for n in g.nodes)
+
+    def new(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+
+def constant_node_value(node: gs.Node) -> np.ndarray | None:
+    """The value of a `Constant` node, or None for forms we leave alone (sparse, strings, refs)."""
+    if node.op != "Constant" or node.domain not in STANDARD_DOMAINS or len(node.attrs) != 1:
+        return None
+    (key, v), = node.attrs.items()
+    if isinstance(v, gs.Node.AttributeRef):
+        return None
+    if key == "value" and isinstance(v, gs.Constant):
+        arr = values(v)
+        return None if arr.dtype.kind in "OUS" else arr
+    if key == "value_float":
+        return np.array(v, dtype=np.float32)
+    if key == "value_floats":
+        return np.array(v, dtype=np.float32).reshape(-1)
+    if key == "value_int":
+        return np.array(v, dtype=np.int64)
+    if key == "value_ints":
+        return np.array(v, dtype=np.int64).reshape(-1)
+    return None
+
+
+def materialize_constant_nodes(graph: gs.Graph) -> int:
+    """Turn `Constant` nodes into initializers, in the graph and its subgraphs (not in functions,
+    which have no initializers). A Constant that is a graph output stays a node."""
+    count = 0
+    for g in all_graphs(graph):
+        outs = output_tensors(g)
+        for node in g.nodes:
+            if node.op != "Constant" or len(node.outputs) != 1 or id(node.outputs[0]) in outs:
+                continue
+            value = constant_node_value(node)
+            if value is None:
+                continue
+            out = node.outputs[0]
+            const = gs.Constant(out.name, value)
+            replace_uses(out, const)
+            node.outputs.clear()
+            count += 1
+    return count
+
+
+
+def onnx_dtype(t: gs.Tensor) -> int | None:
+    """The tensor's element type as an onnx.TensorProto enum, None when unknown."""
+    dtype = t.dtype
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        return dtype
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def static_shape(t: gs.Tensor) -> list[int] | None:
+    """The shape when every dimension is a known non-negative int, else None."""
+    if t.shape is None:
+        return None
+    if all(isinstance(d, (int, np.integer)) and d >= 0 for d in t.shape):
+        return [int(d) for d in t.shape]
+    return None
+
+
+def const_value(t: gs.Tensor, graph: gs.Graph) -> np.ndarray | None:
+    return values(t) if is_constant(t, graph) else None
+
+
+def opset(graph: gs.Graph) -> int:
+    """The default-domain opset the graph (or the subgraph's model) imports."""
+    return int(graph.opset or 0)

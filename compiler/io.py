@@ -1,0 +1,172 @@
+"""Load and save ONNX models: validation, external data, atomic writes.
+
+Protobuf lives here and at the other boundaries (shape inference, onnxruntime sessions); passes work
+on the onnx-graphsurgeon graph built from the loaded model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import ModelError, OnnxoptError, UsageError
+
+# The protobuf serialization limit is 2 GiB; stay clearly below it.
+PROTOBUF_LIMIT = 2**31 - 2**26
+# Tensors at least this big go to the external data file when external data is used.
+EXTERNAL_THRESHOLD = 1024
+
+
+def check_input_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise UsageError(f"input file not found: {path}")
+    if os.path.isdir(path):
+        raise UsageError(f"input is a folder, not an ONNX file: {path}")
+    if os.path.getsize(path) == 0:
+        raise ModelError(f"input file is empty: {path}")
+
+
+def check_output_path(input_path: str | None, output_path: str) -> None:
+    """Refuse an output that would overwrite the input or cannot be written, before any work."""
+    if os.path.isdir(output_path):
+        raise UsageError(f"output path is a folder: {output_path}")
+    if input_path is not None and os.path.exists(output_path):
+        if os.path.samefile(input_path, output_path):
+            raise UsageError("output path is the input path; the input is never overwritten")
+    folder = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(folder):
+        raise OnnxoptError(f"cannot write output: folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OnnxoptError(f"cannot write output: folder is not writable: {folder}")
+
+
+def load_model(path: str) -> onnx.ModelProto:
+    """Load a model file with its external data; any failure becomes a one-line ModelError."""
+    check_input_path(path)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise ModelError(f"not a readable ONNX model: {path}: {_first_line(e) or 'protobuf parse error'}") from None
+    if not model.HasField("graph") or (not model.opset_import and model.ir_version == 0):
+        raise ModelError(f"not an ONNX model (no graph or opset): {path}")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:
+        raise ModelError(f"cannot load external data of {path}: {_first_line(e)}") from None
+    check_model(path=path)  # from the file: the checker parses its own copy, so none is serialized here
+    return model
+
+
+def check_model(model: onnx.ModelProto | None = None, path: str | None = None) -> None:
+    """Run onnx.checker on the proto when it fits in memory's protobuf limit, else on the file."""
+    try:
+        if model is not None and _fits_protobuf(model):
+            onnx.checker.check_model(model)
+        elif path is not None:
+            onnx.checker.check_model(path)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
+        where = f"{path}: " if path else ""
+        raise ModelError(f"model fails onnx.checker: {where}{_first_line(e)}") from None
+
+
+def _all_initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_initializers(g)
+
+
+class PendingOutput:
+    """An output written completely to temporary files in the target folder; `commit` renames
+    it into place, `discard` removes it. Nothing at the target path changes before `commit`.
+
+    With external data the temporary model points at the temporary data file, so it can be
+    loaded (for verification) before the commit; `commit` rewrites the small model file with the
+    final data file name.
+    """
+
+    def __init__(self, model: onnx.ModelProto, path: str, external_data: bool | None = None):
+        self.path = path
+        self.folder = os.path.dirname(os.path.abspath(path))
+        base = os.path.basename(path)
+        if external_data is None:
+            external_data = not _fits_protobuf(model)
+        fd, self.tmp_model = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        self.tmp_data = self.tmp_model + ".data" if external_data else None
+        self.data_name = base + ".data" if external_data else None
+        self.model = model if external_data else None  # commit rewrites it with the final data name
+        try:
+            if external_data:
+                onnx.external_data_helper.convert_model_to_external_data(
+                    model, all_tensors_to_one_file=True, location=os.path.basename(self.tmp_data),
+                    size_threshold=EXTERNAL_THRESHOLD, convert_attribute=True)
+                onnx.external_data_helper.write_external_data_tensors(model, self.folder)
+            with open(self.tmp_model, "wb") as f:
+                f.write(model.SerializeToString())
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self) -> list[str]:
+        """Move the files into place; returns the paths written."""
+        written = [self.path]
+        try:
+            if self.tmp_data is not None:
+                _set_external_location(self.model.graph, self.data_name)
+                with open(self.tmp_model, "wb") as f:
+                    f.write(self.model.SerializeToString())
+                final_data = os.path.join(self.folder, self.data_name)
+                os.replace(self.tmp_data, final_data)
+                written.append(final_data)
+            os.replace(self.tmp_model, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        return written
+
+    def discard(self) -> None:
+        for p in (self.tmp_model, self.tmp_data):
+            if p is not None and os.path.exists(p):
+                os.remove(p)
+
+
+def save_model(model: onnx.ModelProto, path: str, external_data: bool | None = None) -> list[str]:
+    """Write the model atomically (see PendingOutput). external_data None: only when the model
+    does not fit in one protobuf (over 2 GB)."""
+    return PendingOutput(model, path, external_data).commit()
+
+
+def _fits_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether the model serializes into one protobuf: estimated from the tensors held inline
+    (their dims and types), which is fast and what dominates the size."""
+    from .graph import _tensor_nbytes
+
+    inline = sum(_tensor_nbytes(t) for t in _all_initializers(model.graph)
+                 if t.data_location != onnx.TensorProto.EXTERNAL)
+    return inline < PROTOBUF_LIMIT
+
+
+def _set_external_location(graph: onnx.GraphProto, location: str) -> None:
+    for t in _all_initializers(graph):
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                for entry in attr.t.external_data:
+                    if entry.key == "location":
+                        entry.value = location
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else ""

@@ -1,0 +1,276 @@
+"""Verification against onnxruntime: input generation, reference runs, error metrics.
+
+The reference is onnxruntime on CPU with its own graph optimizations off (ORT_DISABLE_ALL), so it
+does not fuse for us and hide a bug. Models reach it through files, so the 2 GB protobuf limit never
+applies.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import UsageError
+
+TOLERANCES = {"fp32": (1e-4, 1e-5), "exact": (0.0, 0.0)}
+
+# Ops through which an integer input keeps its meaning (indices stay indices).
+_TRANSPARENT = {"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Transpose"}
+# (op, input slot) pairs where an integer tensor is a shape, a size or an index we cannot bound.
+_SHAPE_SLOTS = {("Reshape", 1), ("Expand", 1), ("Tile", 1), ("ConstantOfShape", 0), ("Range", 0),
+                ("Range", 1), ("Range", 2), ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4),
+                ("TopK", 1), ("Resize", 3), ("Pad", 1), ("OneHot", 0), ("OneHot", 1), ("GatherND", 1),
+                ("ScatterND", 1), ("ScatterElements", 1), ("Scatter", 1), ("Upsample", 1), ("Trilu", 1)}
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    ok: bool
+    note: str = ""
+
+    def as_dict(self):
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+def parse_input_shapes(items) -> dict[str, list[int]]:
+    """`NAME=1x3x224x224` (or `NAME=1,3,224,224`) into {NAME: [1, 3, 224, 224]}."""
+    shapes = {}
+    for item in items or ():
+        m = re.fullmatch(r"\s*([^=]+?)\s*=\s*(\d+(?:\s*[x,]\s*\d+)*)?\s*", item)
+        if not m:
+            raise UsageError(f"bad --input-shape {item!r}: expected NAME=DxDx... such as x=1x3x224x224")
+        dims = re.split(r"\s*[x,]\s*", m.group(2)) if m.group(2) else []
+        shapes[m.group(1)] = [int(d) for d in dims]
+    return shapes
+
+
+def load_inputs(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--inputs file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as e:  # noqa: BLE001 - numpy raises many kinds for bad files
+        raise UsageError(f"--inputs {path} is not a readable .npz file: {e}") from None
+
+
+def graph_inputs(graph: gs.Graph) -> list[gs.Tensor]:
+    """The inputs a caller must feed (not initializers that are also listed as inputs)."""
+    return [t for t in graph.inputs if not isinstance(t, gs.Constant)]
+
+
+def make_inputs(graph: gs.Graph, shapes: dict[str, list[int]] | None = None,
+                given: dict[str, np.ndarray] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for every graph input: the user's arrays, else values generated from the input specs.
+
+    Dynamic dimensions come from `shapes`; otherwise the same symbolic name gets the same size,
+    the first axis 1 and the others 32. Float inputs are standard normal; integer inputs that index
+    a constant table (Gather) are uniform over its rows; other integer inputs are ones; an integer
+    input that feeds a shape or an index we cannot bound is refused with a clear message.
+    """
+    shapes = dict(shapes or {})
+    given = dict(given or {})
+    names = [t.name for t in graph_inputs(graph)]
+    for name in list(shapes) + list(given):
+        if name not in names:
+            raise UsageError(f"model has no input named {name!r}; its inputs are: {', '.join(names)}")
+    rng = np.random.default_rng(seed)
+    symbols: dict[str, int] = {}
+    feeds = {}
+    for t in graph_inputs(graph):
+        if t.name in given:
+            feeds[t.name] = given[t.name]
+            continue
+        if t.dtype is None:
+            raise UsageError(f"input {t.name!r} has no type; give its values with --inputs FILE.npz")
+        dtype = np.dtype(t.dtype)
+        shape = _concrete_shape(t, shapes.get(t.name), symbols)
+        if dtype.kind == "f":
+            feeds[t.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[t.name] = np.ones(shape, dtype=dtype)
+        elif dtype.kind in "iu":
+            bound = _index_bound(t)
+            if bound is None:
+                feeds[t.name] = np.ones(shape, dtype=dtype)
+            else:
+                feeds[t.name] = rng.integers(0, bound, size=shape).astype(dtype)
+        else:
+            raise UsageError(f"cannot generate values for input {t.name!r} of type {dtype}; use --inputs FILE.npz")
+    return feeds
+
+
+def _concrete_shape(t: gs.Tensor, override, symbols) -> list[int]:
+    if override is not None:
+        if t.shape is not None and len(override) != len(t.shape):
+            raise UsageError(f"--input-shape {t.name}: rank {len(override)} but the input has rank {len(t.shape)}")
+        for given, dim in zip(override, t.shape or ()):
+            if isinstance(dim, int) and dim >= 0 and given != dim:
+                raise UsageError(f"--input-shape {t.name}: dimension {given} but the model fixes it to {dim}")
+        for given, dim in zip(override, t.shape or ()):
+            if isinstance(dim, str) and dim:
+                symbols.setdefault(dim, given)
+        return list(override)
+    if t.shape is None:
+        raise UsageError(f"input {t.name!r} has unknown rank; give --input-shape {t.name}=DxD...")
+    shape = []
+    for axis, dim in enumerate(t.shape):
+        if isinstance(dim, int) and dim >= 0:
+            shape.append(dim)
+        elif isinstance(dim, str) and dim and dim in symbols:
+            shape.append(symbols[dim])
+        else:
+            size = 1 if axis == 0 else 32
+            if isinstance(dim, str) and dim:
+                symbols[dim] = size
+            shape.append(size)
+    return shape
+
+
+def _index_bound(t: gs.Tensor) -> int | None:
+    """For an integer input: the row count of the constant table it indexes, None when it is not an
+    index at all. Raises UsageError when it drives a shape or indexes something unbounded."""
+    bound = None
+    seen = set()
+    stack = [t]
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        for node in cur.outputs:
+            slots = [i for i, x in enumerate(node.inputs) if x is cur]
+            if node.op in _TRANSPARENT and slots == [0]:
+                stack.extend(node.outputs)
+                continue
+            if node.op in ("Gather", "GatherElements") and 1 in slots:
+                data = node.inputs[0]
+                axis = node.attrs.get("axis", 0)
+                if isinstance(data, gs.Constant) and data.shape is not None:
+                    rows = data.shape[axis]
+                    bound = rows if bound is None else min(bound, rows)
+                    continue
+                raise UsageError(f"input {t.name!r} holds indices into a non-constant tensor; "
+                                 "give real values with --inputs FILE.npz")
+            if any((node.op, s) in _SHAPE_SLOTS for s in slots):
+                raise UsageError(f"input {t.name!r} drives a shape or an index ({node.op}); "
+                                 "give real values with --inputs FILE.npz")
+    return bound
+
+
+# ----------------------------------------------------------------------------------- running
+
+
+class RuntimeUnavailable(Exception):
+    """onnxruntime cannot load or run this model: verification is skipped, with this reason."""
+
+
+def run_model(path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a model file on onnxruntime's CPU provider with graph optimizations off."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise RuntimeUnavailable(f"onnxruntime cannot load the model: {_short(e)}") from None
+    wanted = {i.name for i in session.get_inputs()}
+    missing = wanted - set(feeds)
+    if missing:
+        raise UsageError(f"no values for input(s) {', '.join(sorted(missing))}")
+    try:
+        names = [o.name for o in session.get_outputs()]
+        outs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeUnavailable(f"onnxruntime cannot run the model on these inputs: {_short(e)} "
+                                 "(give --input-shape or --inputs)") from None
+    return dict(zip(names, outs))
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: str = "fp32") -> list[OutputMetrics]:
+    """Per-output metrics; `ok` follows the tolerance class (`fp32`: rtol 1e-4 / atol 1e-5)."""
+    rtol, atol = TOLERANCES.get(tolerance, TOLERANCES["fp32"])
+    result = []
+    for name, a in ref.items():
+        b = got.get(name)
+        if b is None:
+            result.append(OutputMetrics(name, float("inf"), float("inf"), 0.0, False, "output missing"))
+            continue
+        a, b = _as_array(a), _as_array(b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            result.append(OutputMetrics(name, float("inf"), float("inf"), 0.0, False,
+                                        f"shape/type {b.dtype}{list(b.shape)} instead of {a.dtype}{list(a.shape)}"))
+            continue
+        if a.dtype.kind not in "fc":
+            same = bool(np.array_equal(a, b))
+            diff = 0.0 if same else float("inf")
+            result.append(OutputMetrics(name, diff, diff, 1.0 if same else 0.0, same))
+            continue
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        nan_mismatch = bool(np.any(np.isnan(a64) != np.isnan(b64)))
+        finite = np.isfinite(a64) & np.isfinite(b64)
+        inf_mismatch = bool(np.any(~finite & ~np.isnan(a64) & (a64 != b64)))
+        err = np.abs(a64 - b64)[finite]
+        max_abs = float(err.max()) if err.size else 0.0
+        rel = err / np.maximum(np.abs(a64[finite]), 1e-12)
+        max_rel = float(rel.max()) if rel.size else 0.0
+        ok = (not nan_mismatch and not inf_mismatch
+              and bool(np.all(err <= atol + rtol * np.abs(a64[finite]))))
+        result.append(OutputMetrics(name, max_abs, max_rel, _cosine(a64[finite], b64[finite]), ok,
+                                    "NaN/Inf positions differ" if nan_mismatch or inf_mismatch else ""))
+    return result
+
+
+def _as_array(x) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else np.asarray(x)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a.ravel(), b.ravel()) / (na * nb))
+
+
+def write_for_runtime(model: onnx.ModelProto, folder: str, name: str = "model.onnx", consume: bool = False) -> str:
+    """Write a model into `folder` for onnxruntime to load. A model over the protobuf limit goes
+    out with external data, which moves its tensors out of the proto: then a copy is written
+    unless `consume` says the proto is not needed afterwards."""
+    from .io import PROTOBUF_LIMIT
+
+    path = os.path.join(folder, name)
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+        return path
+    if not consume:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=name + ".data", size_threshold=1024)
+    return path

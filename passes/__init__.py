@@ -1,0 +1,7 @@
+"""onnxopt.passes: one module per pass family. The registry is this list; order does not matter
+(passes declare what they run after)."""
+
+from .cleanup import CleanupPass
+from .fold import FoldPass
+
+PASSES = [FoldPass, CleanupPass]

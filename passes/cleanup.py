@@ -1,0 +1,300 @@
+"""cleanup: dead code, no-op nodes, Constant nodes, duplicate initializers, common subexpressions.
+
+Works in the main graph and in every If/Loop/Scan body (each body with its own outputs kept);
+model-local function bodies are left untouched. Graph output names never change: a no-op whose
+output is a graph output is removed only when its input's producer can write that output itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.graph import (
+    NONDETERMINISTIC, STANDARD_DOMAINS, all_graphs, bypass, const_value, count_nodes, is_constant, materialize_constant_nodes,
+    onnx_dtype, opset, output_tensors, replace_uses, static_shape, subgraphs, values,
+)
+from onnxopt.pipeline import Pass
+
+
+class CleanupPass(Pass):
+    name = "cleanup"
+    summary = "dead nodes, unused initializers, no-op nodes, Constant nodes, duplicate weights, CSE"
+    after = ("fold",)
+    tolerance = "fp32"
+
+    @dataclass
+    class Options:
+        noops: bool = True  # remove Identity, inference Dropout and no-op Cast/Reshape/Transpose/...
+        dedup: bool = True  # merge initializers with identical type, shape and bytes
+        cse: bool = True  # merge nodes computing the same op on the same inputs
+
+    def run(self, model, ctx):
+        graph = model.graph
+        counts = Counter()
+        before = count_nodes(graph)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        counts["dead_nodes_removed"] = before - count_nodes(graph)
+        counts["unused_initializers_removed"] = model.dropped_initializers
+        model.dropped_initializers = 0
+        counts["constant_nodes_to_initializers"] = materialize_constant_nodes(graph)
+        if self.options.noops:
+            for g in all_graphs(graph):
+                counts.update(remove_noops(g))
+        if self.options.dedup:
+            counts["duplicate_initializers_merged"] = merge_duplicate_constants(graph)
+        if self.options.cse:
+            counts["cse_merged"] = sum(eliminate_common_subexpressions(g) for g in all_graphs(graph))
+        return counts
+
+
+# ----------------------------------------------------------------------------------- no-ops
+
+
+def remove_noops(graph: gs.Graph) -> Counter:
+    """Bypass nodes that return their first input unchanged."""
+    outs = output_tensors(graph)
+    local = {id(n) for n in graph.nodes}
+    counts = Counter()
+    for node in list(graph.nodes):
+        if not node.outputs or not node.inputs:
+            continue
+        found = _noop(node, graph)
+        if found and bypass(graph, node, found[1], outs, local):
+            counts[found[0]] += 1
+    return counts
+
+
+def _noop(node: gs.Node, graph: gs.Graph) -> tuple[str, gs.Tensor] | None:
+    """(count name, the input that passes through unchanged) when the node is a no-op."""
+    if node.domain not in STANDARD_DOMAINS:
+        return None
+    if node.op in _NEUTRAL and len(node.inputs) == 2 and len(node.outputs) == 1:
+        kept = _arith_kept_input(node, graph)
+        return ("noop_arithmetic_removed", kept) if kept is not None else None
+    reason = _noop_reason(node, graph)
+    return (reason, node.inputs[0]) if reason else None
+
+
+def _noop_reason(node: gs.Node, graph: gs.Graph) -> str | None:
+    op, x = node.op, node.inputs[0]
+    if op == "Identity":
+        return "identity_removed"
+    if op == "Dropout":
+        return "dropout_removed" if _inference_dropout(node, graph) else None
+    if len(node.outputs) != 1:
+        return None
+    if op == "Cast":
+        return "noop_cast_removed" if onnx_dtype(x) is not None and onnx_dtype(x) == node.attrs.get("to") else None
+    if op == "Transpose":
+        rank = len(x.shape) if x.shape is not None else None
+        perm = node.attrs.get("perm")
+        if perm is None:
+            ok = rank is not None and rank <= 1
+        else:
+            ok = list(perm) == list(range(len(perm)))
+        return "noop_transpose_removed" if ok else None
+    if op == "Reshape":
+        return "noop_reshape_removed" if _reshape_is_noop(node, graph) else None
+    if op == "Slice":
+        return "noop_slice_removed" if _slice_is_noop(node, graph) else None
+    if op == "Pad":
+        return "noop_pad_removed" if _pad_is_noop(node, graph) else None
+    if op == "Expand":
+        return "noop_expand_removed" if _expand_is_noop(node, graph) else None
+    if op == "Concat":
+        return "noop_concat_removed" if len(node.inputs) == 1 else None
+    return None
+
+
+def _inference_dropout(node: gs.Node, graph: gs.Graph) -> bool:
+    if len(node.outputs) > 1 and (node.outputs[1].outputs or id(node.outputs[1]) in output_tensors(graph)):
+        return False  # the mask is used
+    if opset(graph) < 7:
+        return node.attrs.get("is_test", 0) == 1
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        mode = const_value(node.inputs[2], graph)
+        return mode is not None and not bool(np.asarray(mode).any())
+    return True
+
+
+def _reshape_is_noop(node, graph) -> bool:
+    x = node.inputs[0]
+    shape = static_shape(x)
+    target = const_value(node.inputs[1], graph) if len(node.inputs) > 1 else None
+    if shape is None or target is None:
+        return False
+    target = [int(v) for v in np.asarray(target).reshape(-1)]
+    if len(target) != len(shape):
+        return False
+    allowzero = node.attrs.get("allowzero", 0)
+    resolved = []
+    for i, v in enumerate(target):
+        resolved.append(shape[i] if (v == 0 and not allowzero) else v)
+    if resolved.count(-1) == 1:
+        known = int(np.prod([v for v in resolved if v != -1]))
+        total = int(np.prod(shape))
+        if known == 0 or total % known:
+            return False
+        resolved[resolved.index(-1)] = total // known
+    return resolved == shape
+
+
+def _slice_is_noop(node, graph) -> bool:
+    x = node.inputs[0]
+    shape = static_shape(x)
+    if shape is None:
+        return False
+    if opset(graph) < 10:
+        starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
+        axes, steps = node.attrs.get("axes"), None
+        if starts is None or ends is None:
+            return False
+    else:
+        args = [const_value(t, graph) if t.name else None for t in node.inputs[1:]] + [None] * 4
+        if any(args[i] is None and i < len(node.inputs) - 1 and node.inputs[i + 1].name for i in range(4)):
+            return False
+        starts, ends, axes, steps = args[:4]
+        if starts is None or ends is None:
+            return False
+    starts = [int(v) for v in np.asarray(starts).reshape(-1)]
+    ends = [int(v) for v in np.asarray(ends).reshape(-1)]
+    axes = list(range(len(starts))) if axes is None else [int(v) for v in np.asarray(axes).reshape(-1)]
+    steps = [1] * len(starts) if steps is None else [int(v) for v in np.asarray(steps).reshape(-1)]
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        dim = shape[axis]
+        if step != 1:
+            return False
+        start = start + dim if start < 0 else start
+        end = end + dim if end < 0 else end
+        if start > 0 or end < dim:
+            return False
+    return True
+
+
+def _pad_is_noop(node, graph) -> bool:
+    if opset(graph) < 11:
+        pads = node.attrs.get("pads")
+    else:
+        pads = const_value(node.inputs[1], graph) if len(node.inputs) > 1 else None
+    return pads is not None and not np.asarray(pads).any()
+
+
+def _expand_is_noop(node, graph) -> bool:
+    x, target = node.inputs[0], const_value(node.inputs[1], graph)
+    shape = static_shape(x)
+    if shape is None or target is None:
+        return False
+    target = [int(v) for v in np.asarray(target).reshape(-1)]
+    if len(target) > len(shape):
+        return False
+    return all(t in (1, d) for t, d in zip(target[::-1], shape[::-1]))
+
+
+_NEUTRAL = {"Add": (0, True), "Sub": (0, False), "Mul": (1, True), "Div": (1, False)}
+
+
+def _arith_kept_input(node, graph) -> gs.Tensor | None:
+    """x+0, 0+x, x-0, x*1, 1*x, x/1: the x, when the constant cannot broadcast x to a bigger shape
+    or change its type."""
+    neutral, commutes = _NEUTRAL[node.op]
+    candidates = [(node.inputs[0], node.inputs[1])]
+    if commutes:
+        candidates.append((node.inputs[1], node.inputs[0]))
+    for x, other in candidates:
+        c = const_value(other, graph)
+        if c is None or x.shape is None or onnx_dtype(x) is None:
+            continue
+        if (onnx_dtype(x) == onnx_dtype(other) and c.ndim <= len(x.shape) and bool(np.all(c == neutral))
+                and not np.signbit(c).any()
+                and all(d == 1 or d == xd for d, xd in zip(c.shape[::-1], x.shape[::-1]))):
+            return x
+    return None
+
+
+# ----------------------------------------------------------------------------------- duplicates
+
+
+def merge_duplicate_constants(graph: gs.Graph) -> int:
+    """Point every use of an initializer at the first one with the same type, shape and bytes."""
+    overridable = set()
+    consts: dict[int, gs.Constant] = {}
+    for g in all_graphs(graph):
+        overridable |= {id(t) for t in g.inputs if isinstance(t, gs.Constant)}
+        for node in g.nodes:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant):
+                    consts.setdefault(id(t), t)
+    groups = defaultdict(list)
+    for t in consts.values():
+        if id(t) not in overridable and t.shape is not None:
+            groups[(str(t.dtype), tuple(t.shape))].append(t)
+    merged = 0
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        seen: dict[bytes, list[gs.Constant]] = defaultdict(list)
+        for t in group:
+            data = values(t)
+            digest = hashlib.blake2b(np.ascontiguousarray(data).tobytes(), digest_size=16).digest()
+            for other in seen[digest]:
+                if np.array_equal(data, values(other), equal_nan=data.dtype.kind == "f"):
+                    replace_uses(t, other)
+                    merged += 1
+                    break
+            else:
+                seen[digest].append(t)
+    return merged
+
+
+# ----------------------------------------------------------------------------------- CSE
+
+
+def eliminate_common_subexpressions(graph: gs.Graph) -> int:
+    """Merge nodes with the same op, attributes and input tensors (in topological order, so merges
+    cascade). Random ops, nodes with subgraphs and nodes whose outputs are graph outputs stay."""
+    outs = output_tensors(graph)
+    seen: dict[tuple, gs.Node] = {}
+    merged = 0
+    for node in graph.nodes:
+        if (not node.outputs or node.op in NONDETERMINISTIC or any(True for _ in subgraphs(node))
+                or any(id(t) in outs for t in node.outputs)):
+            continue
+        key = _node_key(node)
+        if key is None:
+            continue
+        first = seen.setdefault(key, node)
+        if first is node:
+            continue
+        for mine, theirs in zip(node.outputs, first.outputs):
+            replace_uses(mine, theirs)
+        merged += 1
+    return merged
+
+
+def _node_key(node: gs.Node):
+    try:
+        attrs = tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items()))
+    except TypeError:
+        return None
+    return (node.domain, node.op, tuple(id(t) for t in node.inputs), attrs, len(node.outputs))
+
+
+def _attr_key(v):
+    if isinstance(v, gs.Constant):
+        arr = values(v)
+        return ("tensor", str(arr.dtype), arr.shape, arr.tobytes())
+    if isinstance(v, gs.Node.AttributeRef):
+        return ("ref", v.name, str(v.type))
+    if isinstance(v, (list, tuple)):
+        return tuple(_attr_key(x) for x in v)
+    if isinstance(v, np.ndarray):
+        return ("array", str(v.dtype), v.shape, v.tobytes())
+    if isinstance(v, (gs.Graph, gs.Tensor)):
+        raise TypeError("unhashable attribute")
+    hash(v)
+    return v
