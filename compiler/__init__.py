@@ -180,6 +180,9 @@ class _Checker:
                     self.reference = verify_mod.run_model(verify_mod.write_for_runtime(proto, tmp), self.feeds)
         except verify_mod.RuntimeUnavailable as e:
             self.skipped = str(e)
+        except verify_mod.RunFailed as e:
+            raise UsageError(f"cannot verify: the original model does not run on the generated inputs ({e}); "
+                             "give --input-shape NAME=DxD.., --inputs FILE.npz, or --verify none") from None
         self.previous = self.reference
 
     def after_pass(self, p: Pass, record: PassRecord, m: Model) -> None:
@@ -191,7 +194,7 @@ class _Checker:
             path = verify_mod.write_for_runtime(export_model(m), tmp, consume=True)
             try:
                 got = verify_mod.run_model(path, self.feeds)
-            except verify_mod.RuntimeUnavailable as e:
+            except (verify_mod.RuntimeUnavailable, verify_mod.RunFailed) as e:
                 raise VerificationError(f"pass {p.name!r} produced a model onnxruntime cannot run: {e}",
                                         pass_name=p.name) from None
         metrics = verify_mod.compare(self.previous, got, p.tolerance)
@@ -205,7 +208,7 @@ class _Checker:
         self.say("verifying the result")
         try:
             got = verify_mod.run_model(path, self.feeds)
-        except verify_mod.RuntimeUnavailable as e:
+        except (verify_mod.RuntimeUnavailable, verify_mod.RunFailed) as e:
             raise VerificationError(f"the optimized model cannot run on onnxruntime: {e}") from None
         metrics = verify_mod.compare(self.reference, got, _tolerance(ordered))
         self.outputs = [x.as_dict() for x in metrics]

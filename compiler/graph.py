@@ -42,6 +42,10 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     values of large weights, so this works for models over 2 GB and costs little memory.
     """
     skeleton = _without_large_data(model)
+    for vi in list(skeleton.graph.input) + list(skeleton.graph.output) + list(skeleton.graph.value_info):
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()  # some exporters write -1 for "unknown"; inference rejects it
     try:
         return onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort; passes work without shapes

@@ -174,16 +174,22 @@ def _index_bound(t: gs.Tensor) -> int | None:
 
 
 class RuntimeUnavailable(Exception):
-    """onnxruntime cannot load or run this model: verification is skipped, with this reason."""
+    """onnxruntime cannot load this model (an operator or opset it lacks): verification is
+    skipped, with this reason."""
+
+
+class RunFailed(Exception):
+    """onnxruntime loaded the model but failed to run it on the given inputs."""
 
 
 def run_model(path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run a model file on onnxruntime's CPU provider with graph optimizations off."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(4)  # errors reach the user as one line, not as ORT's log
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     try:
         session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -196,8 +202,7 @@ def run_model(path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in session.get_outputs()]
         outs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
     except Exception as e:  # noqa: BLE001
-        raise RuntimeUnavailable(f"onnxruntime cannot run the model on these inputs: {_short(e)} "
-                                 "(give --input-shape or --inputs)") from None
+        raise RunFailed(f"onnxruntime fails to run the model on these inputs: {_short(e)}") from None
     return dict(zip(names, outs))
 
 

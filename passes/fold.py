@@ -52,6 +52,7 @@ class FoldPass(Pass):
     class Options:
         size_limit: int = 4096  # bytes a folded tensor may always take; bigger ones only replace what they free
         shapes: bool = True  # fold Shape/Gather/Concat arithmetic over partially known shapes
+        weights: bool = True  # fold BatchNormalization / per-channel Mul, Add into Conv; bias Add into Gemm
 
     def run(self, model, ctx):
         graph = model.graph
@@ -69,6 +70,10 @@ class FoldPass(Pass):
                 n = fold_constants(g, evaluator, self.options.size_limit)
                 counts["nodes_folded"] += n
                 changed += n
+                if self.options.weights:
+                    weight_counts = fold_into_conv(g, names) + fold_bias_into_matmul(g)
+                    counts.update(weight_counts)
+                    changed += sum(weight_counts.values())
             if not changed:
                 break
             graph.cleanup(remove_unused_graph_inputs=False)
@@ -213,6 +218,121 @@ def _numpy_eval(node: gs.Node, x: list, opset_version: int) -> list[np.ndarray] 
         if to.kind in "iu" and np.can_cast(x[0].dtype, to, "safe"):
             return [x[0].astype(to)]
     return None
+
+
+# ----------------------------------------------------------------------------------- weights
+
+
+def fold_into_conv(graph: gs.Graph, names: Names) -> Counter:
+    """Fold an inference BatchNormalization, or a Mul/Add by a per-output-channel constant, that
+    alone consumes a Conv's output into the Conv's weight and bias (computed in float64, stored in
+    the weight's type). The Conv then writes the folded node's output."""
+    counts = Counter()
+    outs = output_tensors(graph)
+    for node in list(graph.nodes):
+        if node.op != "Conv" or node.domain not in STANDARD_DOMAINS or len(node.outputs) != 1:
+            continue
+        while True:
+            nxt = _conv_consumer(node, graph, outs)
+            if nxt is None:
+                break
+            scale_shift = _channel_affine(nxt, node, graph)
+            if scale_shift is None:
+                break
+            _rescale_conv(node, *scale_shift, names)
+            node.outputs[0] = nxt.outputs[0]
+            nxt.outputs.clear()
+            nxt.inputs.clear()
+            counts[{"BatchNormalization": "conv_bn_folded", "Mul": "conv_mul_folded"}.get(nxt.op, "conv_add_folded")] += 1
+    return counts
+
+
+def fold_bias_into_matmul(graph: gs.Graph) -> Counter:
+    """MatMul(x, W) + bias with a 2-D x, a constant 2-D W and a constant bias of shape [N] or
+    [1, N] becomes one Gemm(x, W, bias) that writes the Add's output."""
+    counts = Counter()
+    outs = output_tensors(graph)
+    for node in list(graph.nodes):
+        if node.op != "MatMul" or node.domain not in STANDARD_DOMAINS or len(node.outputs) != 1:
+            continue
+        x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        if (x.shape is None or len(x.shape) != 2 or not is_constant(w, graph) or len(w.shape) != 2
+                or np.dtype(w.dtype).kind != "f" or id(y) in outs or len(y.outputs) != 1):
+            continue
+        add = y.outputs[0]
+        if add.op != "Add" or add.domain not in STANDARD_DOMAINS or len(add.inputs) != 2:
+            continue
+        bias = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+        if (bias is y or not is_constant(bias, graph) or bias.dtype != w.dtype
+                or tuple(bias.shape) not in ((w.shape[1],), (1, w.shape[1]))):
+            continue
+        node.op = "Gemm"
+        node.inputs.append(bias)
+        node.outputs[0] = add.outputs[0]
+        add.outputs.clear()
+        add.inputs.clear()
+        counts["matmul_add_to_gemm"] += 1
+    return counts
+
+
+def _conv_consumer(conv: gs.Node, graph: gs.Graph, outs: set[int]) -> gs.Node | None:
+    """The single consumer of the Conv's output, when the Conv's weights are ours to change."""
+    y = conv.outputs[0]
+    if id(y) in outs or len(y.outputs) != 1:
+        return None
+    params = [t for t in conv.inputs[1:] if t.name]
+    if not all(is_constant(t, graph) and len(t.outputs) == 1 for t in params):
+        return None  # a weight that is a graph input or shared with another node stays
+    return y.outputs[0]
+
+
+def _channel_affine(nxt: gs.Node, conv: gs.Node, graph: gs.Graph):
+    """(scale, shift) per output channel such that nxt(y) == y * scale + shift, or None."""
+    weight = conv.inputs[1]
+    channels, rank = weight.shape[0], len(weight.shape)
+    if nxt.domain not in STANDARD_DOMAINS or len(nxt.outputs) != 1:
+        return None
+    if nxt.op == "BatchNormalization":
+        if nxt.attrs.get("training_mode", 0) or nxt.attrs.get("spatial", 1) != 1 or nxt.inputs[0] is not conv.outputs[0]:
+            return None
+        params = [const_value(t, graph) for t in nxt.inputs[1:5]]
+        if any(p is None or p.shape != (channels,) for p in params):
+            return None
+        scale, bias, mean, var = (p.astype(np.float64) for p in params)
+        factor = scale / np.sqrt(var + float(nxt.attrs.get("epsilon", 1e-5)))
+        return factor, bias - mean * factor
+    if nxt.op not in ("Mul", "Add", "Sub"):
+        return None
+    other = [t for t in nxt.inputs if t is not conv.outputs[0]]
+    if len(other) != 1 or len(nxt.inputs) != 2:
+        return None
+    c = const_value(other[0], graph)
+    if c is None or c.dtype != weight.dtype or c.ndim > rank:
+        return None
+    if nxt.op == "Sub" and nxt.inputs[0] is not conv.outputs[0]:
+        return None  # c - y is not a shift of y
+    full = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    if any(d != 1 for i, d in enumerate(full.shape) if i != 1) or full.shape[1] not in (1, channels):
+        return None  # not per output channel: it would broadcast along space or batch
+    per_channel = np.broadcast_to(full.reshape(-1).astype(np.float64), (channels,))
+    if nxt.op == "Mul":
+        return per_channel, np.zeros(channels)
+    return np.ones(channels), per_channel if nxt.op == "Add" else -per_channel
+
+
+def _rescale_conv(conv: gs.Node, scale: np.ndarray, shift: np.ndarray, names: Names) -> None:
+    weight = conv.inputs[1]
+    w = values(weight)
+    weight.values = (w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+    if len(conv.inputs) > 2 and conv.inputs[2].name:
+        b = values(conv.inputs[2]).astype(np.float64)
+        conv.inputs[2].values = (b * scale + shift).astype(w.dtype)
+    else:
+        bias = gs.Constant(names.new(weight.name + "_bias"), shift.astype(w.dtype))
+        if len(conv.inputs) > 2:
+            conv.inputs[2] = bias
+        else:
+            conv.inputs.append(bias)
 
 
 # ----------------------------------------------------------------------------------- shapes
@@ -437,6 +557,8 @@ def fold_shapes(graph: gs.Graph, names: Names) -> Counter:
                 inferred = [d if d is not None else declared[i] for i, d in enumerate(inferred)]
             if all(d is not None for d in inferred):
                 dims[id(out)] = inferred
+            if id(out) not in outs and (out.shape is None or len(out.shape) == len(inferred)):
+                out.shape = _as_gs_shape(inferred, out.shape)  # what inference missed, for later rules
         if node.op == "Expand" and len(node.inputs) == 2 and not is_constant(node.inputs[1], graph):
             target, data = value(node.inputs[1]), dims_of(node.inputs[0])
             if (target is not None and data is not None and len(target[0]) <= len(data)
@@ -576,6 +698,22 @@ def _slice_entries(node, vals, opset_version):
         return None
     idx = np.arange(len(entries))[slice(starts[0], ends[0], step)]
     return [entries[i] for i in idx], False
+
+
+def _as_gs_shape(inferred: list, declared) -> list:
+    """Merge proven dims into a gs shape: ints and model symbols fill unknown entries only."""
+    shape = list(declared) if declared is not None else [None] * len(inferred)
+    for i, d in enumerate(inferred):
+        known = shape[i]
+        if isinstance(known, (int, np.integer)) and known >= 0 or isinstance(known, str) and known:
+            continue
+        if isinstance(d, int):
+            shape[i] = d
+        elif isinstance(d, _Sym) and d.key[0] == "param":
+            shape[i] = d.key[1]
+        else:
+            shape[i] = None
+    return shape
 
 
 def _resolve_reshape(node: gs.Node, target: list, data: list | None, names: Names) -> bool:

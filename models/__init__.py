@@ -1,0 +1,1 @@
+"""Model builders for tests and benches, and small real sample models (see models/README.md)."""
