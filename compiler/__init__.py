@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import tempfile
@@ -86,8 +87,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         io.check_output_path(in_path, out_path)
     say("loading")
     if in_path is not None:
-        proto = io.load_model(in_path)
-        size_before = _file_size(in_path, proto)
+        proto, size_before = io.load_model_sized(in_path)
     elif isinstance(model, onnx.ModelProto):
         io.check_model(model)
         proto = model
@@ -107,6 +107,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     say("exporting")
     out_model = export_model(m)
     del m, proto, each  # the input's tensors are no longer needed: keep memory near one model
+    gc.collect()  # the graph's nodes and tensors reference each other: free them now
 
     pending = None
     written: list[str] = []
@@ -116,9 +117,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
             out_model = None
             io.check_model(path=pending.tmp_model)
             check.final(pending.tmp_model, ordered)
-            size_after = _file_size(pending.tmp_model, None, pending.tmp_data)
             written = pending.commit()
             pending = None
+            size_after = sum(os.path.getsize(p) for p in written)
         else:
             io.check_model(out_model)
             with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
@@ -242,18 +243,6 @@ def _localize(model, ordered, pass_options, ctx, shapes, given, say) -> None:
     check = _Checker("each", m, shapes, given, None, proto, say)
     run_passes(m, ordered, pass_options, ctx, after_each=lambda p, r: check.after_pass(p, r, m))
     # No pass failed on its own: the caller re-raises the original error.
-
-
-def _file_size(path: str, proto, extra: str | None = None) -> int:
-    total = os.path.getsize(path)
-    if extra and os.path.exists(extra):
-        total += os.path.getsize(extra)
-    if proto is not None:
-        folder = os.path.dirname(os.path.abspath(path))
-        locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-        total += sum(os.path.getsize(os.path.join(folder, loc)) for loc in locations
-                     if os.path.exists(os.path.join(folder, loc)))
-    return total
 
 
 def _proto_size(proto: onnx.ModelProto) -> int | None:

@@ -7,6 +7,7 @@ Every error is one line on stderr; `-v` adds the traceback.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 
@@ -16,6 +17,10 @@ from . import optimize
 from .errors import OnnxoptError, UsageError
 from .pipeline import registry
 from .report import summary_lines, write_report
+
+
+class Interrupted(OnnxoptError):
+    exit_code = 130
 
 
 class Progress:
@@ -74,14 +79,14 @@ def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_s
     if target not in ("onnx", "ort"):
         raise UsageError(f"bad --target {target!r}: expected onnx or ort")
     if report_path:
-        folder = os.path.dirname(os.path.abspath(report_path))
-        if os.path.isdir(report_path) or not os.access(folder, os.W_OK):
-            raise UsageError(f"cannot write --report to {report_path}")
+        check_report_path(report_path, input_path, output_path)
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
     try:
         result = optimize(input_path, output_path, passes=passes, verify=verify_mode, inputs=inputs_path,
                           input_shapes=list(input_shapes), options=list(opts), target=target,
                           external_data=True if external_data else None, progress=progress)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted") from None  # before click's own handler adds a blank line
     finally:
         progress.clear()
     if report_path:
@@ -92,6 +97,21 @@ def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_s
             lines.append(f"onnxopt: warning: verification skipped: {result.verification['skipped']}")
         click.echo("\n".join(lines), err=True)
     return 0
+
+
+def check_report_path(report_path: str, input_path: str, output_path: str) -> None:
+    """Refuse a report that would overwrite the input or the output, or cannot be written."""
+    if os.path.isdir(report_path):
+        raise UsageError(f"--report path is a folder: {report_path}")
+    for label, other in (("input", input_path), ("output", output_path)):
+        if os.path.realpath(report_path) == os.path.realpath(other) or (
+                os.path.exists(report_path) and os.path.exists(other) and os.path.samefile(report_path, other)):
+            raise UsageError(f"--report path is the {label} path: {report_path}")
+    folder = os.path.dirname(os.path.abspath(report_path))
+    if not os.path.isdir(folder):
+        raise OnnxoptError(f"cannot write --report: folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OnnxoptError(f"cannot write --report: folder is not writable: {folder}")
 
 
 def passes_table() -> str:
@@ -106,7 +126,12 @@ def passes_table() -> str:
     return "\n".join(lines)
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the cleanup that removes temporary files
+
+
 def main(argv=None) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     args = sys.argv[1:] if argv is None else list(argv)
     verbose = any(a in ("-v", "--verbose") for a in args)
     try:

@@ -92,8 +92,7 @@ def import_model(model: onnx.ModelProto, shapes: bool = True) -> Model:
     """Build the graph IR from a ModelProto. The proto's tensors are shared, not copied."""
     value_info_names = _value_info_names(model.graph)
     n_value_info = len(model.graph.value_info)
-    used = _used_names(model.graph)
-    dropped = sum(1 for t in model.graph.initializer if t.name not in used)
+    dropped = _unused_initializers(model.graph)
     if shapes:
         inferred = infer_shapes(model)
         known = value_info_names | {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
@@ -104,10 +103,37 @@ def import_model(model: onnx.ModelProto, shapes: bool = True) -> Model:
     finally:
         if shapes:
             del model.graph.value_info[n_value_info:]
+    if model.ir_version >= 4:  # before IR 4 all initializers are inputs: export lists them again
+        _restore_initializer_inputs(model.graph, graph)
     meta = onnx.ModelProto()
     _copy_model_fields(model, meta)
     meta.graph.metadata_props.extend(model.graph.metadata_props)
     return Model(graph, meta, value_info_names, dropped)
+
+
+def _restore_initializer_inputs(proto: onnx.GraphProto, graph: gs.Graph) -> None:
+    """gs drops initializers from the graph inputs; put them back, in order. Such an initializer
+    is only a default the caller may override: mark it so no pass treats it as a constant."""
+    inits = {t.name: t for t in proto.initializer}
+    if not any(i.name in inits for i in proto.input):
+        return
+    tensors = graph.tensors()
+    inputs = []
+    for vi in proto.input:
+        if vi.name in inits:
+            t = tensors.get(vi.name) or gs.Constant(vi.name, LazyValues(inits[vi.name]))  # unused ones too
+            setattr(t, OVERRIDABLE, True)
+            inputs.append(t)
+        else:
+            inputs.append(tensors[vi.name])
+    graph.inputs = inputs
+
+
+def _unused_initializers(graph: onnx.GraphProto) -> int:
+    """Initializers, in the graph and its subgraphs, that no node reads and no output names."""
+    used = _used_names(graph) | {i.name for i in graph.input}
+    return (sum(1 for t in graph.initializer if t.name not in used)
+            + sum(_unused_initializers(sub) for sub in _proto_subgraphs(graph)))
 
 
 def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
@@ -164,7 +190,7 @@ def export_model(m: Model) -> onnx.ModelProto:
     out = onnx.ModelProto()
     _copy_model_fields(m.meta, out)  # metadata, doc string, producer, IR version, opsets...
     out.graph.metadata_props.extend(m.meta.graph.metadata_props)
-    _export_graph(graph, out.graph, m.value_info_names)
+    _export_graph(graph, out.graph, m.value_info_names, frozenset())
     out.functions.extend(OnnxExporter.export_function(f) for f in graph.functions)
     have = {o.domain for o in out.opset_import}
     out.opset_import.extend(o for o in update_import_domains(graph) if o.domain not in have)  # new domains
@@ -173,34 +199,52 @@ def export_model(m: Model) -> onnx.ModelProto:
     return out
 
 
-def _export_graph(graph: gs.Graph, dst: onnx.GraphProto, keep: set[str]) -> None:
+def _export_graph(graph: gs.Graph, dst: onnx.GraphProto, keep: set[str], outer: frozenset = frozenset()) -> None:
+    """Write a graph into `dst`. Constants already written by an enclosing graph (`outer`: their
+    ids) are read from there, not written again into a subgraph; value_info is written only for
+    names the input had (inferred shapes are for the passes, not for the output file)."""
     dst.name = graph.name or ""
     if graph.doc_string:
         dst.doc_string = graph.doc_string
-    dst.node.extend(OnnxExporter.export_node(n) for n in graph.nodes)
     dst.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
     dst.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
     io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    mine = set()
     for t in graph.tensors().values():
         if isinstance(t, gs.Constant):
+            if id(t) in outer:
+                continue
+            mine.add(id(t))
             if isinstance(t._values, SparseValues):
                 dst.sparse_initializer.append(OnnxExporter.export_sparse_tensor_proto(t))
             else:
                 dst.initializer.append(OnnxExporter.export_tensor_proto(t))
         elif t.name in keep and t.name not in io_names and (t.dtype is not None or t.shape is not None):
-            # value_info the input had; inferred shapes are for the passes, not for the output file
             dst.value_info.append(OnnxExporter.export_value_info_proto(t, False))
-    for sub in _proto_subgraphs(dst):
-        _keep_value_info(sub, keep)
+    visible = outer | mine
+    for node in graph.nodes:
+        dst.node.append(_export_node(node, keep, visible))
 
 
-def _keep_value_info(graph: onnx.GraphProto, keep: set[str]) -> None:
-    # gs writes value_info for every typed tensor of a subgraph; keep what the input had.
-    vis = [vi for vi in graph.value_info if vi.name in keep]
-    del graph.value_info[:]
-    graph.value_info.extend(vis)
-    for sub in _proto_subgraphs(graph):
-        _keep_value_info(sub, keep)
+def _export_node(node: gs.Node, keep: set[str], visible: frozenset) -> onnx.NodeProto:
+    proto = onnx.helper.make_node(node.op, [t.name for t in node.inputs], [t.name for t in node.outputs],
+                                  name=node.name, domain=node.domain)
+    plain = {k: v for k, v in node.attrs.items() if not _is_graph_attr(v)}
+    proto.attribute.extend(OnnxExporter.export_attributes(plain))
+    for key, value in node.attrs.items():
+        if isinstance(value, gs.Graph):
+            attr = proto.attribute.add(name=key, type=onnx.AttributeProto.GRAPH)
+            _export_graph(value, attr.g, keep, visible)
+        elif _is_graph_attr(value):
+            attr = proto.attribute.add(name=key, type=onnx.AttributeProto.GRAPHS)
+            for sub in value:
+                _export_graph(sub, attr.graphs.add(), keep, visible)
+    return proto
+
+
+def _is_graph_attr(value) -> bool:
+    return isinstance(value, gs.Graph) or (isinstance(value, (list, tuple)) and bool(value)
+                                           and all(isinstance(v, gs.Graph) for v in value))
 
 
 def _initializers_as_inputs(graph: onnx.GraphProto) -> None:
@@ -232,8 +276,12 @@ def subgraphs(node: gs.Node):
                     yield v
 
 
-def count_nodes(graph: gs.Graph) -> int:
-    return sum(len(g.nodes) for g in all_graphs(graph))
+def count_nodes(graph: gs.Graph, functions: bool = False) -> int:
+    """Nodes in the graph and its subgraphs (and in model-local function bodies if asked)."""
+    total = sum(len(g.nodes) for g in all_graphs(graph))
+    if functions:
+        total += sum(len(g.nodes) for f in graph.functions for g in all_graphs(f))
+    return total
 
 
 def count_params(graph: gs.Graph) -> int:
@@ -253,13 +301,14 @@ def count_params(graph: gs.Graph) -> int:
 # ----------------------------------------------------------------------------------- tensors
 
 
-def is_constant(t: gs.Tensor, graph: gs.Graph) -> bool:
-    """A constant the graph can rely on: an initializer that is not also an overridable input."""
-    if not isinstance(t, gs.Constant):
-        return False
-    if t in graph.inputs:
-        return (graph.ir_version or 0) < 4  # before IR 4 initializers listed as inputs are fixed
-    return True
+OVERRIDABLE = "_onnxopt_overridable"  # set by import_model on initializers that are also inputs
+
+
+def is_constant(t: gs.Tensor, graph: gs.Graph | None = None) -> bool:
+    """A constant the graph can rely on: an initializer that is not also an overridable graph
+    input (of this graph or of an enclosing one: import_model marks those)."""
+    del graph  # kept in the signature: whether a tensor is constant is a property of the model
+    return isinstance(t, gs.Constant) and not getattr(t, OVERRIDABLE, False)
 
 
 def values(t: gs.Constant) -> np.ndarray:

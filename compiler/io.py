@@ -33,31 +33,41 @@ def check_output_path(input_path: str | None, output_path: str) -> None:
     """Refuse an output that would overwrite the input or cannot be written, before any work."""
     if os.path.isdir(output_path):
         raise UsageError(f"output path is a folder: {output_path}")
-    if input_path is not None and os.path.exists(output_path):
-        if os.path.samefile(input_path, output_path):
-            raise UsageError("output path is the input path; the input is never overwritten")
+    if input_path is not None and (os.path.realpath(input_path) == os.path.realpath(output_path) or (
+            os.path.exists(output_path) and os.path.samefile(input_path, output_path))):
+        raise UsageError("output path is the input path; the input is never overwritten")
     folder = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(folder):
-        raise OnnxoptError(f"cannot write output: folder does not exist: {folder}")
+        problem = "not a folder" if os.path.exists(folder) else "folder does not exist"
+        raise OnnxoptError(f"cannot write output: {problem}: {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OnnxoptError(f"cannot write output: folder is not writable: {folder}")
 
 
 def load_model(path: str) -> onnx.ModelProto:
     """Load a model file with its external data; any failure becomes a one-line ModelError."""
+    return load_model_sized(path)[0]
+
+
+def load_model_sized(path: str) -> tuple[onnx.ModelProto, int]:
+    """load_model, and the bytes the model takes on disk: its file and its external data files."""
     check_input_path(path)
     try:
         model = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
-        raise ModelError(f"not a readable ONNX model: {path}: {_first_line(e) or 'protobuf parse error'}") from None
+        raise ModelError(f"not a readable ONNX model: {path}: {_one_line(e) or 'protobuf parse error'}") from None
     if not model.HasField("graph") or (not model.opset_import and model.ir_version == 0):
         raise ModelError(f"not an ONNX model (no graph or opset): {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    locations = {e.value for t in _all_tensors(model) for e in t.external_data if e.key == "location"}
+    size = os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, loc)) for loc in locations
+                                       if os.path.isfile(os.path.join(folder, loc)))
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        onnx.external_data_helper.load_external_data_for_model(model, folder)
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
-        raise ModelError(f"cannot load external data of {path}: {_first_line(e)}") from None
+        raise ModelError(f"cannot load external data of {path}: {_one_line(e)}") from None
     check_model(path=path)  # from the file: the checker parses its own copy, so none is serialized here
-    return model
+    return model, size
 
 
 def check_model(model: onnx.ModelProto | None = None, path: str | None = None) -> None:
@@ -69,18 +79,34 @@ def check_model(model: onnx.ModelProto | None = None, path: str | None = None) -
             onnx.checker.check_model(path)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
         where = f"{path}: " if path else ""
-        raise ModelError(f"model fails onnx.checker: {where}{_first_line(e)}") from None
+        raise ModelError(f"model fails onnx.checker: {where}{_one_line(e)}") from None
 
 
-def _all_initializers(graph: onnx.GraphProto):
+def _all_tensors(model: onnx.ModelProto):
+    """Every dense tensor of the model: initializers and tensor attributes (Constant values) of the
+    graph, its subgraphs and the model-local functions, as external data conversion sees them."""
+    yield from _graph_tensors(model.graph)
+    for f in model.functions:
+        yield from _node_tensors(f.node)
+
+
+def _graph_tensors(graph: onnx.GraphProto):
     yield from graph.initializer
-    for node in graph.node:
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes):
+    for node in nodes:
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_initializers(attr.g)
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_tensors(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _all_initializers(g)
+                    yield from _graph_tensors(g)
 
 
 class PendingOutput:
@@ -98,12 +124,13 @@ class PendingOutput:
         base = os.path.basename(path)
         if external_data is None:
             external_data = not _fits_protobuf(model)
-        fd, self.tmp_model = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        self.tmp_data = self.tmp_model + ".data" if external_data else None
+        self.tmp_model = self.tmp_data = None
         self.data_name = base + ".data" if external_data else None
         self.model = model if external_data else None  # commit rewrites it with the final data name
         try:
+            fd, self.tmp_model = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=self.folder)
+            os.close(fd)
+            self.tmp_data = self.tmp_model + ".data" if external_data else None
             if external_data:
                 onnx.external_data_helper.convert_model_to_external_data(
                     model, all_tensors_to_one_file=True, location=os.path.basename(self.tmp_data),
@@ -111,6 +138,9 @@ class PendingOutput:
                 onnx.external_data_helper.write_external_data_tensors(model, self.folder)
             with open(self.tmp_model, "wb") as f:
                 f.write(model.SerializeToString())
+        except OSError as e:
+            self.discard()
+            raise _write_error(path, e) from None
         except BaseException:
             self.discard()
             raise
@@ -119,14 +149,21 @@ class PendingOutput:
         """Move the files into place; returns the paths written."""
         written = [self.path]
         try:
+            if self.tmp_data is not None and not os.path.exists(self.tmp_data):
+                self.tmp_data = None  # no tensor was big enough to move: the model is self-contained
             if self.tmp_data is not None:
-                _set_external_location(self.model.graph, self.data_name)
+                _set_external_location(self.model, self.data_name)
                 with open(self.tmp_model, "wb") as f:
                     f.write(self.model.SerializeToString())
                 final_data = os.path.join(self.folder, self.data_name)
+                os.chmod(self.tmp_data, _file_mode())
                 os.replace(self.tmp_data, final_data)
                 written.append(final_data)
+            os.chmod(self.tmp_model, _file_mode())  # temporary files are private; outputs follow the umask
             os.replace(self.tmp_model, self.path)
+        except OSError as e:
+            self.discard()
+            raise _write_error(self.path, e) from None
         except BaseException:
             self.discard()
             raise
@@ -149,24 +186,29 @@ def _fits_protobuf(model: onnx.ModelProto) -> bool:
     (their dims and types), which is fast and what dominates the size."""
     from .graph import _tensor_nbytes
 
-    inline = sum(_tensor_nbytes(t) for t in _all_initializers(model.graph)
-                 if t.data_location != onnx.TensorProto.EXTERNAL)
+    inline = sum(_tensor_nbytes(t) for t in _all_tensors(model) if t.data_location != onnx.TensorProto.EXTERNAL)
     return inline < PROTOBUF_LIMIT
 
 
-def _set_external_location(graph: onnx.GraphProto, location: str) -> None:
-    for t in _all_initializers(graph):
+def _set_external_location(model: onnx.ModelProto, location: str) -> None:
+    for t in _all_tensors(model):
         for entry in t.external_data:
             if entry.key == "location":
                 entry.value = location
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                for entry in attr.t.external_data:
-                    if entry.key == "location":
-                        entry.value = location
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0].strip() if text else ""
+def _write_error(path: str, e: OSError) -> OnnxoptError:
+    return OnnxoptError(f"cannot write output {path}: {e.strerror or e}")
+
+
+def _file_mode() -> int:
+    """The permissions a newly created file gets: 0o666 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """The whole message on one line (the checker puts the node that fails on the next lines)."""
+    text = " ".join(str(e).split())
+    return text[:limit] + ("..." if len(text) > limit else "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import typing
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -149,8 +150,10 @@ def _convert(value, kind, label):
 def run_passes(model: Model, names: list[str], options: dict[str, Any], ctx: Context,
                after_each: Callable[[Pass, PassRecord], None] | None = None,
                progress: Callable[[int, int, str], None] | None = None) -> list[PassRecord]:
-    """Run each pass once, in order; clean up and sort the graph after each one, time it, and call
-    `after_each` (verification) with the pass and its record."""
+    """Run each pass once, in order; time it; clean up and sort the graph after it, and call
+    `after_each` (verification) with the pass and its record. Dead nodes the model already had
+    are removed before the pass and reported as its `dead_nodes_removed`, so every change to the
+    model is counted by the pass that made it."""
     from .graph import count_nodes
 
     known = registry()
@@ -160,8 +163,14 @@ def run_passes(model: Model, names: list[str], options: dict[str, Any], ctx: Con
             progress(i, len(names), name)
         p = known[name](options.get(name))
         start = time.perf_counter()
-        counts = p.run(model, ctx) or {}
-        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        before = count_nodes(model.graph, functions=True)
+        model.graph.cleanup(remove_unused_graph_inputs=False)
+        dead = before - count_nodes(model.graph, functions=True)
+        counts = Counter(p.run(model, ctx) or {})
+        counts["dead_nodes_removed"] += dead
+        # mode="nodes": gs's function-list sort recurses forever when the graph has both subgraphs
+        # and functions (onnx-graphsurgeon 0.6.1, Graph.toposort.get_used_funcs); ONNX needs no order there
+        model.graph.cleanup(remove_unused_graph_inputs=False).toposort(mode="nodes")
         seconds = time.perf_counter() - start
         record = PassRecord(name, {k: int(v) for k, v in counts.items() if v}, seconds, count_nodes(model.graph))
         if after_each:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from .errors import OnnxoptError
+
 
 def human_bytes(n: int | None) -> str:
     if n is None:
@@ -63,10 +65,15 @@ def _metric_lines(metrics, indent):
 def write_report(result, path: str) -> None:
     """Write the report JSON atomically (temporary file, then rename)."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result.as_dict(), f, indent=2, default=_jsonable)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result.as_dict(), f, indent=2, default=_jsonable)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OnnxoptError(f"cannot write --report {path}: {e.strerror or e}") from None
 
 
 def _jsonable(x):

@@ -91,7 +91,7 @@ def make_inputs(graph: gs.Graph, shapes: dict[str, list[int]] | None = None,
     feeds = {}
     for t in graph_inputs(graph):
         if t.name in given:
-            feeds[t.name] = given[t.name]
+            feeds[t.name] = _check_given(t, given[t.name])
             continue
         if t.dtype is None:
             raise UsageError(f"input {t.name!r} has no type; give its values with --inputs FILE.npz")
@@ -110,6 +110,25 @@ def make_inputs(graph: gs.Graph, shapes: dict[str, list[int]] | None = None,
         else:
             raise UsageError(f"cannot generate values for input {t.name!r} of type {dtype}; use --inputs FILE.npz")
     return feeds
+
+
+def _check_given(t: gs.Tensor, value) -> np.ndarray:
+    """The user's array for input `t`, refused when its type, rank or a fixed dimension differs."""
+    arr = np.asarray(value)
+    try:
+        want = np.dtype(t.dtype) if t.dtype is not None else None
+    except TypeError:
+        want = None
+    if want is not None and arr.dtype != want:
+        raise UsageError(f"--inputs {t.name}: type {arr.dtype} but the model expects {want}")
+    if t.shape is not None:
+        if arr.ndim != len(t.shape):
+            raise UsageError(f"--inputs {t.name}: shape {list(arr.shape)} but the input has rank {len(t.shape)}")
+        for axis, (got, dim) in enumerate(zip(arr.shape, t.shape)):
+            if isinstance(dim, int) and dim >= 0 and got != dim:
+                raise UsageError(f"--inputs {t.name}: shape {list(arr.shape)} but the model fixes axis {axis} "
+                                 f"to {dim}")
+    return arr
 
 
 def _concrete_shape(t: gs.Tensor, override, symbols) -> list[int]:
@@ -208,6 +227,9 @@ def run_model(path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _short(e: BaseException) -> str:
     text = " ".join(str(e).split())
+    # onnxruntime's status prefix and the C++ source location and signature say nothing to a user
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/\S+\.(?:h|cc|cpp):\d+ [^()]*\([^()]*\)(?: const)? ", "", text)
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
@@ -237,7 +259,7 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: s
         nan_mismatch = bool(np.any(np.isnan(a64) != np.isnan(b64)))
         finite = np.isfinite(a64) & np.isfinite(b64)
         inf_mismatch = bool(np.any(~finite & ~np.isnan(a64) & (a64 != b64)))
-        err = np.abs(a64 - b64)[finite]
+        err = np.abs(a64[finite] - b64[finite])  # inf - inf would warn on stderr
         max_abs = float(err.max()) if err.size else 0.0
         rel = err / np.maximum(np.abs(a64[finite]), 1e-12)
         max_rel = float(rel.max()) if rel.size else 0.0

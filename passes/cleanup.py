@@ -1,8 +1,10 @@
 """cleanup: dead code, no-op nodes, Constant nodes, duplicate initializers, common subexpressions.
 
 Works in the main graph and in every If/Loop/Scan body (each body with its own outputs kept);
-model-local function bodies are left untouched. Graph output names never change: a no-op whose
-output is a graph output is removed only when its input's producer can write that output itself.
+model-local function bodies only lose their dead nodes (the pipeline removes and counts dead
+nodes before every pass). Graph output
+names never change: a no-op whose output is a graph output is removed only when its input's
+producer can write that output itself.
 """
 
 from __future__ import annotations
@@ -35,10 +37,7 @@ class CleanupPass(Pass):
 
     def run(self, model, ctx):
         graph = model.graph
-        counts = Counter()
-        before = count_nodes(graph)
-        graph.cleanup(remove_unused_graph_inputs=False)
-        counts["dead_nodes_removed"] = before - count_nodes(graph)
+        counts = Counter()  # dead nodes: the pipeline removes and counts them before every pass
         counts["unused_initializers_removed"] = model.dropped_initializers
         model.dropped_initializers = 0
         counts["constant_nodes_to_initializers"] = materialize_constant_nodes(graph)
@@ -48,7 +47,8 @@ class CleanupPass(Pass):
         if self.options.dedup:
             counts["duplicate_initializers_merged"] = merge_duplicate_constants(graph)
         if self.options.cse:
-            counts["cse_merged"] = sum(eliminate_common_subexpressions(g) for g in all_graphs(graph))
+            random = random_functions(graph)
+            counts["cse_merged"] = sum(eliminate_common_subexpressions(g, random) for g in all_graphs(graph))
         return counts
 
 
@@ -114,12 +114,17 @@ def _noop_reason(node: gs.Node, graph: gs.Graph) -> str | None:
 def _inference_dropout(node: gs.Node, graph: gs.Graph) -> bool:
     if len(node.outputs) > 1 and (node.outputs[1].outputs or id(node.outputs[1]) in output_tensors(graph)):
         return False  # the mask is used
+    return not _training_dropout(node, graph)
+
+
+def _training_dropout(node: gs.Node, graph: gs.Graph) -> bool:
+    """Whether a Dropout may run in training mode, where its output is random."""
     if opset(graph) < 7:
-        return node.attrs.get("is_test", 0) == 1
+        return node.attrs.get("is_test", 0) != 1
     if len(node.inputs) > 2 and node.inputs[2].name:
         mode = const_value(node.inputs[2], graph)
-        return mode is not None and not bool(np.asarray(mode).any())
-    return True
+        return mode is None or bool(np.asarray(mode).any())
+    return False
 
 
 def _reshape_is_noop(node, graph) -> bool:
@@ -240,28 +245,45 @@ def merge_duplicate_constants(graph: gs.Graph) -> int:
         seen: dict[bytes, list[gs.Constant]] = defaultdict(list)
         for t in group:
             data = values(t)
-            digest = hashlib.blake2b(np.ascontiguousarray(data).tobytes(), digest_size=16).digest()
-            for other in seen[digest]:
-                if np.array_equal(data, values(other), equal_nan=data.dtype.kind == "f"):
+            key = _fingerprint(data)
+            for other in seen[key]:
+                if _same_bytes(data, values(other)):
                     replace_uses(t, other)
                     merged += 1
                     break
             else:
-                seen[digest].append(t)
+                seen[key].append(t)
     return merged
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality: -0.0 and 0.0 (x / w differs), or two NaN payloads, stay apart."""
+    if a.dtype.kind == "O":  # strings
+        return np.array_equal(a, b)
+    return np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8),
+                          np.ascontiguousarray(b).reshape(-1).view(np.uint8))
+
+
+def _fingerprint(data: np.ndarray) -> bytes:
+    """A cheap key: a hash of at most 4096 evenly spaced elements. Equal tensors share it; the
+    rare different tensors that also share it are told apart by a full comparison."""
+    flat = data.reshape(-1)
+    sample = flat[:: max(1, flat.size // 4096)]
+    return hashlib.blake2b(np.ascontiguousarray(sample).tobytes(), digest_size=16).digest()
 
 
 # ----------------------------------------------------------------------------------- CSE
 
 
-def eliminate_common_subexpressions(graph: gs.Graph) -> int:
+def eliminate_common_subexpressions(graph: gs.Graph, random_fns: set[tuple] = frozenset()) -> int:
     """Merge nodes with the same op, attributes and input tensors (in topological order, so merges
-    cascade). Random ops, nodes with subgraphs and nodes whose outputs are graph outputs stay."""
+    cascade). Random nodes (see `_random`), nodes with subgraphs and nodes whose outputs are graph
+    outputs stay."""
     outs = output_tensors(graph)
     seen: dict[tuple, gs.Node] = {}
     merged = 0
     for node in graph.nodes:
-        if (not node.outputs or node.op in NONDETERMINISTIC or any(True for _ in subgraphs(node))
+        if (not node.outputs or _random(node, graph, random_fns) or any(True for _ in subgraphs(node))
                 or any(id(t) in outs for t in node.outputs)):
             continue
         key = _node_key(node)
@@ -274,6 +296,25 @@ def eliminate_common_subexpressions(graph: gs.Graph) -> int:
             replace_uses(mine, theirs)
         merged += 1
     return merged
+
+
+def random_functions(graph: gs.Graph) -> set[tuple]:
+    """(domain, name) of the model-local functions whose body, or a function it calls, is random."""
+    found: set[tuple] = set()
+    grew = True
+    while grew:
+        grew = False
+        for f in graph.functions:
+            if (f.domain, f.name) not in found and any(_random(n, g, found) for g in all_graphs(f) for n in g.nodes):
+                found.add((f.domain, f.name))
+                grew = True
+    return found
+
+
+def _random(node: gs.Node, graph: gs.Graph, random_fns: set[tuple]) -> bool:
+    """Random ops, a Dropout that may run in training mode, calls of random local functions."""
+    return (node.op in NONDETERMINISTIC or (node.op == "Dropout" and _training_dropout(node, graph))
+            or (node.domain, node.op) in random_fns)
 
 
 def _node_key(node: gs.Node):

@@ -77,7 +77,6 @@ class FoldPass(Pass):
             if not changed:
                 break
             graph.cleanup(remove_unused_graph_inputs=False)
-        counts["evaluated_by_onnxruntime"] = evaluator.ort_runs
         return counts
 
 
@@ -121,15 +120,18 @@ def _foldable(node: gs.Node, graph: gs.Graph, outs: set[int]) -> bool:
 
 
 def _size_known_small(node: gs.Node, inputs, size_limit: int) -> bool:
-    """Refuse to evaluate a node whose output could be huge (a generator with no known size)."""
-    if node.op not in _GENERATORS:
-        return True
+    """Whether the result may fit the size cap, judged before evaluating it from the outputs'
+    inferred shapes and types: a node whose result would be refused is not evaluated at all, and
+    a generator (ConstantOfShape, Expand...) whose output size is unknown is never evaluated."""
     sizes = []
     for t in node.outputs:
-        if t.shape is None or not all(isinstance(d, int) and d >= 0 for d in t.shape):
-            return False
-        sizes.append(int(np.prod(t.shape, dtype=np.int64)) * 8)
-    freed = sum(v.nbytes for v in inputs if v is not None)
+        if t.shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in t.shape):
+            if node.op in _GENERATORS:
+                return False
+            return True  # unknown: evaluate, then the cap decides
+        itemsize = np.dtype(t.dtype).itemsize if t.dtype is not None and not isinstance(t.dtype, int) else 8
+        sizes.append(int(np.prod(t.shape, dtype=np.int64)) * itemsize)
+    freed = sum(v.nbytes for t, v in zip(node.inputs, inputs) if v is not None and all(c is node for c in t.outputs))
     return sum(sizes) <= max(size_limit, freed)
 
 
@@ -142,7 +144,6 @@ class Evaluator:
             onnx.helper.make_opsetid("", main.opset or 17)]
         self.ir_version = max(int(main.ir_version or 8), 8)
         self.opset = int(main.opset or 17)
-        self.ort_runs = 0
 
     def run(self, node: gs.Node, inputs: list) -> list[np.ndarray] | None:
         try:
@@ -173,7 +174,6 @@ class Evaluator:
             results = session.run(None, {})
         except Exception:  # noqa: BLE001 - not foldable here; the node stays
             return None
-        self.ort_runs += 1
         if not all(isinstance(r, np.ndarray) and r.dtype.kind in "biuf" for r in results):
             return None
         return results
@@ -530,6 +530,7 @@ def fold_shapes(graph: gs.Graph, names: Names) -> Counter:
     dims: dict[int, list] = {}  # id(tensor) -> dims (int | _Sym), proven for this walk
     version = opset(graph)
     local = {id(n) for n in graph.nodes}
+    alive = list(graph.tensors().values())  # noqa: F841 - ids key the maps: no tensor may be freed and its id reused
 
     def dims_of(t):
         if id(t) not in dims:

@@ -1,0 +1,143 @@
+"""fold: Conv + BatchNormalization / per-channel Mul / Add folded into the Conv's weights, and
+MatMul + bias Add into Gemm. Positive cases with exact counts and numerics, negatives, idempotence."""
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxopt
+from models.builders import from_text, ops, optimize_checked
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
+
+
+def conv_then(tail: str, extra_inits: str = "", out_shape: str = "float[1,4,5,5] y", bias: bool = True) -> onnx.ModelProto:
+    """x -> Conv(W[4,3,3,3], b) -> c -> <tail> -> y"""
+    rng = np.random.default_rng(0)
+    w = ", ".join(f"{v:.4f}" for v in rng.standard_normal(4 * 3 * 3 * 3))
+    b = ", ".join(f"{v:.4f}" for v in rng.standard_normal(4))
+    conv = "c = Conv <pads = [1, 1, 1, 1]> (x, W, B)" if bias else "c = Conv <pads = [1, 1, 1, 1]> (x, W)"
+    return from_text(f"""
+        {HEADER}
+        g (float[1,3,5,5] x) => ({out_shape})
+        <float[4,3,3,3] W = {{{w}}}, float[4] B = {{{b}}}{extra_inits}> {{
+            {conv}
+            {tail}
+        }}""")
+
+
+BN = ", float[4] s = {1.5, 0.5, 2.0, 1.0}, float[4] t = {0.1, -0.2, 0.3, 0.0}, " \
+     "float[4] m = {0.2, 0.1, -0.3, 0.5}, float[4] v = {1.0, 2.0, 0.5, 4.0}"
+
+
+def test_conv_bn_folds_into_weights():
+    model = conv_then("y = BatchNormalization <epsilon = 0.001> (c, s, t, m, v)", BN)
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["Conv"]
+    assert result.passes[0].counts == {"conv_bn_folded": 1}
+    assert [o.name for o in out.graph.output] == ["y"]
+
+
+def test_conv_without_bias_gets_one():
+    model = conv_then("y = BatchNormalization (c, s, t, m, v)", BN, bias=False)
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["Conv"] and len(out.graph.node[0].input) == 3
+    assert result.passes[0].counts == {"conv_bn_folded": 1}
+
+
+def test_conv_mul_then_add_per_channel_chain():
+    model = conv_then("d = Mul (c, k)\n e = Add (d, a)\n y = Sub (e, a2)",
+                      ", float[4,1,1] k = {2.0, -1.0, 0.5, 3.0}, float[1,4,1,1] a = {1.0, 2.0, 3.0, 4.0},"
+                      " float[4,1,1] a2 = {0.5, 0.5, 0.5, 0.5}")
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["Conv"]
+    assert result.passes[0].counts == {"conv_mul_folded": 1, "conv_add_folded": 2}
+
+
+def test_scalar_mul_folds():
+    model = conv_then("y = Mul (k, c)", ", float k = {0.25}")
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["Conv"] and result.passes[0].counts == {"conv_mul_folded": 1}
+
+
+@pytest.mark.parametrize("tail, inits", [
+    ("y = Mul (c, k)", ", float[5] k = {1.0, 2.0, 3.0, 4.0, 5.0}"),  # varies along width: not per channel
+    ("y = Sub (k, c)", ", float[4,1,1] k = {1.0, 2.0, 3.0, 4.0}"),  # k - c is not a shift of c
+    ("y = Add (c, c)", ""),  # not a constant
+])
+def test_not_folded(tail, inits):
+    model = conv_then(tail, inits)
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ops(model)
+    assert not any(k.startswith("conv_") for k in result.passes[0].counts)
+
+
+def test_training_bn_with_extra_outputs_is_not_folded():
+    model = conv_then("y, rm, rv = BatchNormalization <training_mode = 1> (c, s, t, m, v)", BN,
+                      out_shape="float[1,4,5,5] y, float[4] rm, float[4] rv")
+    result = onnxopt.optimize(model, passes=["fold"], verify="none")
+    assert ops(result.model) == ["Conv", "BatchNormalization"]
+
+
+def test_conv_output_used_twice_is_not_folded():
+    model = conv_then("d = Mul (c, k)\n y = Add (d, c)", ", float[4,1,1] k = {2.0, 1.0, 0.5, 3.0}")
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["Conv", "Mul", "Add"]
+
+
+def test_weight_that_is_a_graph_input_is_not_folded():
+    model = from_text(f"""
+        {HEADER}
+        g (float[1,3,5,5] x, float[4,3,3,3] W) => (float[1,4,5,5] y) <float[4,1,1] k = {{1.0, 2.0, 3.0, 4.0}}> {{
+            c = Conv <pads = [1, 1, 1, 1]> (x, W)
+            y = Mul (c, k)
+        }}""")
+    result = onnxopt.optimize(model, passes=["fold"], verify="none")
+    assert ops(result.model) == ["Conv", "Mul"]
+
+
+def test_shared_weight_is_not_rescaled():
+    model = from_text(f"""
+        {HEADER}
+        g (float[1,3,5,5] x) => (float[1,4,5,5] y, float[1,4,5,5] z)
+        <float[4,3,1,1] W = {{{", ".join(["0.5"] * 12)}}}, float[4,1,1] k = {{1.0, 2.0, 3.0, 4.0}}> {{
+            c = Conv (x, W)
+            y = Mul (c, k)
+            z = Conv (x, W)
+        }}""")
+    out, result = optimize_checked(model, ["fold"])
+    assert sorted(ops(out)) == ["Conv", "Conv", "Mul"] and "conv_mul_folded" not in result.passes[0].counts
+
+
+def test_idempotent():
+    model = conv_then("y = BatchNormalization (c, s, t, m, v)", BN)
+    once = onnxopt.optimize(model, passes=["fold"], verify="none").model
+    twice = onnxopt.optimize(once, passes=["fold"], verify="none")
+    assert twice.passes[0].counts == {} and ops(twice.model) == ops(once)
+
+
+def test_matmul_bias_add_becomes_gemm():
+    model = from_text(f"""
+        {HEADER}
+        g (float[3,4] x) => (float[3,2] y)
+        <float[4,2] W = {{1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0}}, float[2] b = {{0.5, -0.5}}> {{
+            h = MatMul (x, W)
+            y = Add (b, h)
+        }}""")
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["Gemm"] and result.passes[0].counts == {"matmul_add_to_gemm": 1}
+
+
+@pytest.mark.parametrize("x_shape, b_shape", [("float[2,3,4] x", "float[2] b"), ("float[3,4] x", "float[3,2] b")])
+def test_matmul_add_not_gemm(x_shape, b_shape):
+    n = 2 if b_shape == "float[2] b" else 6
+    y = "float[2,3,2] y" if "2,3,4" in x_shape else "float[3,2] y"
+    model = from_text(f"""
+        {HEADER}
+        g ({x_shape}) => ({y})
+        <float[4,2] W = {{1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0}}, {b_shape} = {{{", ".join(["0.5"] * n)}}}> {{
+            h = MatMul (x, W)
+            y = Add (h, b)
+        }}""")
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["MatMul", "Add"]
