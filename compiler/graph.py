@@ -218,7 +218,7 @@ def _export_graph(graph: gs.Graph, dst: onnx.GraphProto, keep: set[str], outer: 
             if isinstance(t._values, SparseValues):
                 dst.sparse_initializer.append(OnnxExporter.export_sparse_tensor_proto(t))
             else:
-                dst.initializer.append(OnnxExporter.export_tensor_proto(t))
+                dst.initializer.add().CopyFrom(OnnxExporter.export_tensor_proto(t))  # append fails past 2 GB
         elif t.name in keep and t.name not in io_names and (t.dtype is not None or t.shape is not None):
             dst.value_info.append(OnnxExporter.export_value_info_proto(t, False))
     visible = outer | mine

@@ -502,8 +502,6 @@ def test_model_over_two_gigabytes(tmp_path, leftovers):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=Exception, reason="graph.export_model appends each TensorProto; protobuf "
-                   "cannot serialize one tensor over 2 GB for that copy (EncodeError); add().CopyFrom() can")
 def test_single_tensor_over_two_gigabytes(tmp_path):
     _external_weights_model(tmp_path, 24 * 1024, 1)  # one 2.25 GiB weight
     result = onnxopt.optimize(tmp_path / "in.onnx", tmp_path / "out.onnx", passes=["cleanup"])
