@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -17,7 +18,8 @@ from typing import Any, Callable
 
 import onnx
 
-from . import io, verify
+from . import io
+from . import verify as verification
 from .errors import ModelError, OnnxoptError, UsageError, VerificationError
 from .graph import Model, count_nodes, count_params, export_model, import_model
 from .pipeline import Context, Pass, PassRecord, order_passes, parse_options, parse_pass_list, registry, run_passes
@@ -76,8 +78,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     pass_options = parse_options(_option_items(options), ordered)
     if verify not in VERIFY_MODES:
         raise UsageError(f"bad --verify {verify!r}: expected one of {', '.join(VERIFY_MODES)}")
-    shapes = verify_shapes(input_shapes)
-    given = verify_mod.load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
+    shapes = _input_shapes(input_shapes)
+    given = verification.load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
 
     in_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     out_path = os.fspath(output) if output is not None else None
@@ -100,7 +102,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     ctx = Context(target=target, calibration_data=calibration_data, inputs=given)
 
     check = _Checker(verify, m, shapes, given, in_path, proto, say)
-    each = (lambda p, record: check.after_pass(p, record, m)) if verify == "each" else None
+    each = functools.partial(check.after_pass, m=m) if verify == "each" else None
     records = run_passes(m, ordered, pass_options, ctx, after_each=each,
                          progress=lambda i, n, name: say(f"[{i + 1}/{n}] {name}"))
     after_nodes, after_params = count_nodes(m.graph), count_params(m.graph)
@@ -123,9 +125,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         else:
             io.check_model(out_model)
             with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
-                check.final(verify_mod.write_for_runtime(out_model, tmp), ordered)
+                check.final(verification.write_for_runtime(out_model, tmp), ordered)
             size_after = _proto_size(out_model)
-    except VerificationError as e:
+    except VerificationError:
         if verify == "final" and len(ordered) > 1 and check.reference is not None:
             _localize(model, ordered, pass_options, ctx, shapes, given, say)
         raise
@@ -141,15 +143,12 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         model=out_model)
 
 
-verify_mod = verify  # the module, shadowed by optimize()'s `verify` argument
-
-
-def verify_shapes(input_shapes) -> dict:
+def _input_shapes(input_shapes) -> dict:
     if input_shapes is None:
         return {}
     if isinstance(input_shapes, dict):
         return {k: [int(d) for d in v] for k, v in input_shapes.items()}
-    return verify_mod.parse_input_shapes(input_shapes)
+    return verification.parse_input_shapes(input_shapes)
 
 
 def _option_items(options) -> list[str]:
@@ -171,17 +170,17 @@ class _Checker:
         self.outputs: list[dict] = []
         if mode == "none":
             return
-        self.feeds = verify_mod.make_inputs(m.graph, shapes, given)
+        self.feeds = verification.make_inputs(m.graph, shapes, given)
         say("running the original model")
         try:
             if in_path is not None:
-                self.reference = verify_mod.run_model(in_path, self.feeds)
+                self.reference = verification.run_model(in_path, self.feeds)
             else:
                 with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
-                    self.reference = verify_mod.run_model(verify_mod.write_for_runtime(proto, tmp), self.feeds)
-        except verify_mod.RuntimeUnavailable as e:
+                    self.reference = verification.run_model(verification.write_for_runtime(proto, tmp), self.feeds)
+        except verification.RuntimeUnavailable as e:
             self.skipped = str(e)
-        except verify_mod.RunFailed as e:
+        except verification.RunFailed as e:
             raise UsageError(f"cannot verify: the original model does not run on the generated inputs ({e}); "
                              "give --input-shape NAME=DxD.., --inputs FILE.npz, or --verify none") from None
         self.previous = self.reference
@@ -192,13 +191,13 @@ class _Checker:
             return
         self.say(f"verifying {p.name}")
         with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
-            path = verify_mod.write_for_runtime(export_model(m), tmp, consume=True)
+            path = verification.write_for_runtime(export_model(m), tmp, consume=True)
             try:
-                got = verify_mod.run_model(path, self.feeds)
-            except (verify_mod.RuntimeUnavailable, verify_mod.RunFailed) as e:
+                got = verification.run_model(path, self.feeds)
+            except (verification.RuntimeUnavailable, verification.RunFailed) as e:
                 raise VerificationError(f"pass {p.name!r} produced a model onnxruntime cannot run: {e}",
                                         pass_name=p.name) from None
-        metrics = verify_mod.compare(self.previous, got, p.tolerance)
+        metrics = verification.compare(self.previous, got, p.tolerance)
         record.verification = [x.as_dict() for x in metrics]
         _raise_if_bad(metrics, f"pass {p.name!r}", p.name)
         self.previous = got
@@ -208,10 +207,10 @@ class _Checker:
             return
         self.say("verifying the result")
         try:
-            got = verify_mod.run_model(path, self.feeds)
-        except (verify_mod.RuntimeUnavailable, verify_mod.RunFailed) as e:
+            got = verification.run_model(path, self.feeds)
+        except (verification.RuntimeUnavailable, verification.RunFailed) as e:
             raise VerificationError(f"the optimized model cannot run on onnxruntime: {e}") from None
-        metrics = verify_mod.compare(self.reference, got, _tolerance(ordered))
+        metrics = verification.compare(self.reference, got, _tolerance(ordered))
         self.outputs = [x.as_dict() for x in metrics]
         label = f"pass {ordered[0]!r}" if len(ordered) == 1 else f"passes {','.join(ordered)}"
         _raise_if_bad(metrics, label, ordered[0] if len(ordered) == 1 else None)

@@ -304,10 +304,9 @@ def count_params(graph: gs.Graph) -> int:
 OVERRIDABLE = "_onnxopt_overridable"  # set by import_model on initializers that are also inputs
 
 
-def is_constant(t: gs.Tensor, graph: gs.Graph | None = None) -> bool:
+def is_constant(t: gs.Tensor) -> bool:
     """A constant the graph can rely on: an initializer that is not also an overridable graph
     input (of this graph or of an enclosing one: import_model marks those)."""
-    del graph  # kept in the signature: whether a tensor is constant is a property of the model
     return isinstance(t, gs.Constant) and not getattr(t, OVERRIDABLE, False)
 
 
@@ -450,8 +449,9 @@ def static_shape(t: gs.Tensor) -> list[int] | None:
     return None
 
 
-def const_value(t: gs.Tensor, graph: gs.Graph) -> np.ndarray | None:
-    return values(t) if is_constant(t, graph) else None
+def const_value(t: gs.Tensor) -> np.ndarray | None:
+    """The values of a constant (see is_constant), else None."""
+    return values(t) if is_constant(t) else None
 
 
 def opset(graph: gs.Graph) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.graph import (
-    NONDETERMINISTIC, STANDARD_DOMAINS, all_graphs, bypass, const_value, count_nodes, is_constant, materialize_constant_nodes,
+    NONDETERMINISTIC, STANDARD_DOMAINS, all_graphs, bypass, const_value, materialize_constant_nodes,
     onnx_dtype, opset, output_tensors, replace_uses, static_shape, subgraphs, values,
 )
 from onnxopt.pipeline import Pass
@@ -122,7 +122,7 @@ def _training_dropout(node: gs.Node, graph: gs.Graph) -> bool:
     if opset(graph) < 7:
         return node.attrs.get("is_test", 0) != 1
     if len(node.inputs) > 2 and node.inputs[2].name:
-        mode = const_value(node.inputs[2], graph)
+        mode = const_value(node.inputs[2])
         return mode is None or bool(np.asarray(mode).any())
     return False
 
@@ -130,7 +130,7 @@ def _training_dropout(node: gs.Node, graph: gs.Graph) -> bool:
 def _reshape_is_noop(node, graph) -> bool:
     x = node.inputs[0]
     shape = static_shape(x)
-    target = const_value(node.inputs[1], graph) if len(node.inputs) > 1 else None
+    target = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if shape is None or target is None:
         return False
     target = [int(v) for v in np.asarray(target).reshape(-1)]
@@ -160,7 +160,7 @@ def _slice_is_noop(node, graph) -> bool:
         if starts is None or ends is None:
             return False
     else:
-        args = [const_value(t, graph) if t.name else None for t in node.inputs[1:]] + [None] * 4
+        args = [const_value(t) if t.name else None for t in node.inputs[1:]] + [None] * 4
         if any(args[i] is None and i < len(node.inputs) - 1 and node.inputs[i + 1].name for i in range(4)):
             return False
         starts, ends, axes, steps = args[:4]
@@ -185,12 +185,12 @@ def _pad_is_noop(node, graph) -> bool:
     if opset(graph) < 11:
         pads = node.attrs.get("pads")
     else:
-        pads = const_value(node.inputs[1], graph) if len(node.inputs) > 1 else None
+        pads = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
     return pads is not None and not np.asarray(pads).any()
 
 
 def _expand_is_noop(node, graph) -> bool:
-    x, target = node.inputs[0], const_value(node.inputs[1], graph)
+    x, target = node.inputs[0], const_value(node.inputs[1])
     shape = static_shape(x)
     if shape is None or target is None:
         return False
@@ -211,7 +211,7 @@ def _arith_kept_input(node, graph) -> gs.Tensor | None:
     if commutes:
         candidates.append((node.inputs[1], node.inputs[0]))
     for x, other in candidates:
-        c = const_value(other, graph)
+        c = const_value(other)
         if c is None or x.shape is None or onnx_dtype(x) is None:
             continue
         if (onnx_dtype(x) == onnx_dtype(other) and c.ndim <= len(x.shape) and bool(np.all(c == neutral))

@@ -91,7 +91,7 @@ def fold_constants(graph: gs.Graph, evaluator: "Evaluator", size_limit: int) -> 
     for node in list(graph.nodes):
         if not _foldable(node, graph, outs):
             continue
-        inputs = [const_value(t, graph) if t.name else None for t in node.inputs]
+        inputs = [const_value(t) if t.name else None for t in node.inputs]
         if not _size_known_small(node, inputs, size_limit):
             continue
         results = evaluator.run(node, inputs)
@@ -116,7 +116,7 @@ def _foldable(node: gs.Node, graph: gs.Graph, outs: set[int]) -> bool:
         return False
     if not any(t.outputs for t in node.outputs):
         return False  # dead: cleanup removes it
-    return all(not t.name or is_constant(t, graph) for t in node.inputs)
+    return all(not t.name or is_constant(t) for t in node.inputs)
 
 
 def _size_known_small(node: gs.Node, inputs, size_limit: int) -> bool:
@@ -256,14 +256,14 @@ def fold_bias_into_matmul(graph: gs.Graph) -> Counter:
         if node.op != "MatMul" or node.domain not in STANDARD_DOMAINS or len(node.outputs) != 1:
             continue
         x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        if (x.shape is None or len(x.shape) != 2 or not is_constant(w, graph) or len(w.shape) != 2
+        if (x.shape is None or len(x.shape) != 2 or not is_constant(w) or len(w.shape) != 2
                 or np.dtype(w.dtype).kind != "f" or id(y) in outs or len(y.outputs) != 1):
             continue
         add = y.outputs[0]
         if add.op != "Add" or add.domain not in STANDARD_DOMAINS or len(add.inputs) != 2:
             continue
         bias = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-        if (bias is y or not is_constant(bias, graph) or bias.dtype != w.dtype
+        if (bias is y or not is_constant(bias) or bias.dtype != w.dtype
                 or tuple(bias.shape) not in ((w.shape[1],), (1, w.shape[1]))):
             continue
         node.op = "Gemm"
@@ -281,7 +281,7 @@ def _conv_consumer(conv: gs.Node, graph: gs.Graph, outs: set[int]) -> gs.Node | 
     if id(y) in outs or len(y.outputs) != 1:
         return None
     params = [t for t in conv.inputs[1:] if t.name]
-    if not all(is_constant(t, graph) and len(t.outputs) == 1 for t in params):
+    if not all(is_constant(t) and len(t.outputs) == 1 for t in params):
         return None  # a weight that is a graph input or shared with another node stays
     return y.outputs[0]
 
@@ -295,7 +295,7 @@ def _channel_affine(nxt: gs.Node, conv: gs.Node, graph: gs.Graph):
     if nxt.op == "BatchNormalization":
         if nxt.attrs.get("training_mode", 0) or nxt.attrs.get("spatial", 1) != 1 or nxt.inputs[0] is not conv.outputs[0]:
             return None
-        params = [const_value(t, graph) for t in nxt.inputs[1:5]]
+        params = [const_value(t) for t in nxt.inputs[1:5]]
         if any(p is None or p.shape != (channels,) for p in params):
             return None
         scale, bias, mean, var = (p.astype(np.float64) for p in params)
@@ -306,7 +306,7 @@ def _channel_affine(nxt: gs.Node, conv: gs.Node, graph: gs.Graph):
     other = [t for t in nxt.inputs if t is not conv.outputs[0]]
     if len(other) != 1 or len(nxt.inputs) != 2:
         return None
-    c = const_value(other[0], graph)
+    c = const_value(other[0])
     if c is None or c.dtype != weight.dtype or c.ndim > rank:
         return None
     if nxt.op == "Sub" and nxt.inputs[0] is not conv.outputs[0]:
@@ -543,7 +543,7 @@ def fold_shapes(graph: gs.Graph, names: Names) -> Counter:
         if not (isinstance(t, gs.Constant) and t.shape is not None and len(t.shape) <= 1
                 and np.dtype(t.dtype).kind in "iu" and int(np.prod(t.shape)) <= 64):
             return None  # look only at small integer vectors, never load weights
-        c = const_value(t, graph)
+        c = const_value(t)
         return ([int(v) for v in c.reshape(-1)], c.ndim == 0) if c is not None else None
 
     for node in list(graph.nodes):
@@ -560,14 +560,14 @@ def fold_shapes(graph: gs.Graph, names: Names) -> Counter:
                 dims[id(out)] = inferred
             if id(out) not in outs and (out.shape is None or len(out.shape) == len(inferred)):
                 out.shape = _as_gs_shape(inferred, out.shape)  # what inference missed, for later rules
-        if node.op == "Expand" and len(node.inputs) == 2 and not is_constant(node.inputs[1], graph):
+        if node.op == "Expand" and len(node.inputs) == 2 and not is_constant(node.inputs[1]):
             target, data = value(node.inputs[1]), dims_of(node.inputs[0])
             if (target is not None and data is not None and len(target[0]) <= len(data)
                     and all(t == 1 or t == d for t, d in zip(target[0][::-1], data[::-1]))
                     and bypass(graph, node, node.inputs[0], outs, local)):
                 counts["noop_expand_removed"] += 1
                 continue
-        if node.op == "Reshape" and len(node.inputs) == 2 and not is_constant(node.inputs[1], graph):
+        if node.op == "Reshape" and len(node.inputs) == 2 and not is_constant(node.inputs[1]):
             target = value(node.inputs[1])
             if target is not None and _resolve_reshape(node, target[0], dims_of(node.inputs[0]), names):
                 counts["reshape_shapes_resolved"] += 1
@@ -577,7 +577,7 @@ def fold_shapes(graph: gs.Graph, names: Names) -> Counter:
             continue
         entries, scalar = result
         if all(isinstance(e, int) for e in entries) and id(out) not in outs:
-            if all(not t.name or is_constant(t, graph) for t in node.inputs):
+            if all(not t.name or is_constant(t) for t in node.inputs):
                 known[id(out)] = result  # fold_constants replaces the node itself
                 continue
             dtype = _int_dtype(node)

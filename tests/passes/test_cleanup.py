@@ -502,11 +502,11 @@ def test_partial_slice_stays(starts, ends, axes, steps, shape):
 
 
 def test_slice_with_runtime_ends_stays():
-    m = model(f"""
-    g (float[2,3] x, int64[1] e) => (float[2,?] y) <int64[1] s = {{0}}, int64[1] a = {{1}}> {{
+    m = model("""
+    g (float[2,3] x, int64[1] e) => (float[2,?] y) <int64[1] s = {0}, int64[1] a = {1}> {
         t = Slice(x, s, e, a)
         y = Relu(t)
-    }}""")
+    }""")
     unchanged(m, feeds={"x": np.ones((2, 3), np.float32), "e": np.array([3], np.int64)})
 
 
