@@ -44,6 +44,7 @@ class Result:
     output: str | None = None
     written: list[str] = field(default_factory=list)
     model: onnx.ModelProto | None = None  # set when no output path was given
+    explain: list[str] = field(default_factory=list)  # near-misses and why (explain=True)
 
     def as_dict(self) -> dict:
         return _finite({
@@ -55,16 +56,18 @@ class Result:
             "seconds": self.seconds,
             "output": self.output,
             "written": self.written,
+            "explain": self.explain,
         })
 
 
 def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None = None,
              passes=("fold", "cleanup"), *, verify: str = "final", inputs: dict | str | None = None,
              input_shapes: dict | list | None = None, options: dict | list | None = None, target: str = "onnx",
-             external_data: bool | None = None, calibration_data=None,
+             external_data: bool | None = None, calibration_data=None, explain: bool = False,
              progress: Callable[[str], None] | None = None) -> Result:
     """Run the selected passes on a model file or ModelProto, verify, and write `output` atomically.
 
+    explain: passes record why near-misses were not rewritten (Result.explain).
     options: {"fold": {"size_limit": 1024}} or ["fold.size_limit=1024"]. inputs: feeds for
     verification (dict or .npz path). input_shapes: {"x": [1, 3, 224, 224]} or ["x=1x3x224x224"].
     Raises UsageError (bad arguments), ModelError (bad input model), VerificationError (a pass
@@ -92,6 +95,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         proto, size_before = io.load_model_sized(in_path)
     elif isinstance(model, onnx.ModelProto):
         io.check_model(model)
+        io.check_types(model)
         proto = model
         size_before = _proto_size(proto)
     else:
@@ -99,7 +103,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
 
     m = import_model(proto)
     before = {"nodes": count_nodes(m.graph), "params": count_params(m.graph), "size": size_before}
-    ctx = Context(target=target, calibration_data=calibration_data, inputs=given)
+    notes: list[str] = []
+    ctx = Context(target=target, calibration_data=calibration_data, inputs=given, explain=explain, log=notes.append)
 
     check = _Checker(verify, m, shapes, given, in_path, proto, say)
     each = functools.partial(check.after_pass, m=m) if verify == "each" else None
@@ -140,7 +145,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         passes=records, verification=check.summary(), before=before,
         after={"nodes": after_nodes, "params": after_params, "size": size_after},
         seconds=time.perf_counter() - start, order_note=note, output=out_path, written=written,
-        model=out_model)
+        model=out_model, explain=notes)
 
 
 def _input_shapes(input_shapes) -> dict:

@@ -59,12 +59,13 @@ class Progress:
 @click.option("--external-data", is_flag=True,
               help="Write tensors to OUTPUT.data beside the model (always done above 2 GB).")
 @click.option("--report", "report_path", metavar="FILE.json", help="Write per-pass counts and times, metrics, sizes.")
+@click.option("--explain", is_flag=True, help="Show, per rule, why near-misses were not rewritten (also with -v).")
 @click.option("--list-passes", is_flag=True, help="List the passes and their options, then exit.")
 @click.option("-v", "--verbose", is_flag=True, help="Per-output metrics, and tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.version_option(package_name="onnxopt")
 def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_shapes, target, external_data,
-        report_path, list_passes, verbose, quiet):
+        report_path, explain, list_passes, verbose, quiet):
     """Optimize the ONNX model INPUT and write it to OUTPUT, verified against onnxruntime.
 
     Example: onnxopt model.onnx -o model.opt.onnx --passes fold,cleanup
@@ -84,7 +85,8 @@ def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_s
     try:
         result = optimize(input_path, output_path, passes=passes, verify=verify_mode, inputs=inputs_path,
                           input_shapes=list(input_shapes), options=list(opts), target=target,
-                          external_data=True if external_data else None, progress=progress)
+                          external_data=True if external_data else None, explain=explain or verbose,
+                          progress=progress)
     except KeyboardInterrupt:
         raise Interrupted("interrupted") from None  # before click's own handler adds a blank line
     finally:
@@ -93,6 +95,7 @@ def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_s
         write_report(result, report_path)
     if not quiet:
         lines = [f"onnxopt: wrote {output_path}"] + summary_lines(result, verbose)
+        lines += [f"  explain: {line}" for line in result.explain]
         if result.verification["skipped"] and verify_mode != "none":
             lines.append(f"onnxopt: warning: verification skipped: {result.verification['skipped']}")
         click.echo("\n".join(lines), err=True)

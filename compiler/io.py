@@ -67,6 +67,7 @@ def load_model_sized(path: str) -> tuple[onnx.ModelProto, int]:
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
         raise ModelError(f"cannot load external data of {path}: {_one_line(e)}") from None
     check_model(path=path)  # from the file: the checker parses its own copy, so none is serialized here
+    check_types(model, path)
     return model, size
 
 
@@ -80,6 +81,31 @@ def check_model(model: onnx.ModelProto | None = None, path: str | None = None) -
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
         where = f"{path}: " if path else ""
         raise ModelError(f"model fails onnx.checker: {where}{_one_line(e)}") from None
+
+
+def check_types(model: onnx.ModelProto, path: str | None = None) -> None:
+    """Strict type and shape inference over an input model, as the checker's full check runs it,
+    except that the shapes declared on graph outputs and value_info are not held against it: a stale
+    declared shape is harmless (onnxruntime runs such models), while an operator fed the wrong types
+    (Add of float and int64), an output declared with the wrong type or an invalid attribute make a
+    model onnxruntime refuses, and would reach the passes as a graph they cannot reason about.
+    Works on a copy without the large tensor data, so any model size costs little."""
+    from .graph import _without_large_data
+
+    skeleton = _without_large_data(model)
+    graph = skeleton.graph
+    for vi in list(graph.output) + list(graph.value_info):
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+    for vi in graph.input:
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()  # some exporters write -1 for "unknown"; inference rejects it
+    try:
+        onnx.shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
+        where = f"{path}: " if path else ""
+        raise ModelError(f"model fails type and shape inference: {where}{_one_line(e)}") from None
 
 
 def _all_tensors(model: onnx.ModelProto):

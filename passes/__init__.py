@@ -3,5 +3,6 @@
 
 from .cleanup import CleanupPass
 from .fold import FoldPass
+from .fuse import FusePass
 
-PASSES = [FoldPass, CleanupPass]
+PASSES = [FoldPass, CleanupPass, FusePass]

@@ -163,7 +163,7 @@ def test_report_contents(cli, simple_path, tmp_path):
     ran = cli(simple_path, "-o", out, "--passes", "fold,cleanup", "--report", report, "-q")
     assert (ran.code, ran.err) == (0, "")
     r = json.loads(report.read_text())
-    assert set(r) == {"passes", "order_note", "verification", "before", "after", "seconds", "output", "written"}
+    assert set(r) == {"passes", "order_note", "verification", "before", "after", "seconds", "output", "written", "explain"}
     assert [p["name"] for p in r["passes"]] == ["fold", "cleanup"]
     assert r["passes"][0]["counts"] == {"constant_nodes_to_initializers": 1}
     assert r["passes"][1]["counts"] == {"identity_removed": 1}

@@ -1,0 +1,94 @@
+"""fuse: operator fusion with ordered pattern rules (see onnxopt.pattern).
+
+`--target onnx` emits standard operators only, and only where the model's opset has them;
+`--target ort` may also emit onnxruntime's `com.microsoft` operators. Rules run in list order at
+every node, in sweeps until nothing changes (at most a few). Works in the main graph and inside
+If/Loop/Scan bodies; model-local function bodies are left untouched. `--explain` (ctx.explain)
+reports, per rule, the near-misses and why they were refused.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from onnxopt.graph import Names, all_graphs, output_tensors
+from onnxopt.pattern import internal_uses_refusal, match_node
+from onnxopt.pipeline import Pass
+
+from .activations import RULES as ACTIVATION_RULES
+from .norms import RULES as NORM_RULES
+
+# Priority order: norms before the activations that may sit inside them.
+RULES = NORM_RULES + ACTIVATION_RULES
+_MAX_SWEEPS = 4
+
+
+@dataclass
+class Env:
+    """What a rule's check and rewrite may consult: never mutated by a check."""
+
+    graph: gs.Graph  # the graph being rewritten (a subgraph's own for bodies)
+    target: str
+    opset: int  # default-domain opset of the model
+    names: Names
+
+
+class FusePass(Pass):
+    name = "fuse"
+    summary = "operator fusion: LayerNorm, SkipLayerNorm (ort), GELU and BiasGelu (ort)"
+    after = ("fold", "cleanup")
+    tolerance = "fp32"
+
+    @dataclass
+    class Options:
+        pass
+
+    def run(self, model, ctx):
+        graph = model.graph
+        counts = Counter()
+        names = Names(graph)
+        rules = [r for r in RULES if ctx.target in r.targets]
+        misses: dict[tuple, str] = {}
+        for _ in range(_MAX_SWEEPS):
+            changed = 0
+            for g in all_graphs(graph):
+                env = Env(g, ctx.target, int(graph.opset or 0), names)
+                changed += apply_rules(rules, env, counts, misses)
+            if not changed:
+                break
+            graph.cleanup(remove_unused_graph_inputs=False).toposort(mode="nodes")
+        if ctx.explain:
+            for (rule, where), reason in misses.items():
+                ctx.log(f"fuse: {rule} at {where}: not fused: {reason}")
+        return counts
+
+
+def apply_rules(rules, env: Env, counts: Counter, misses: dict) -> int:
+    """One sweep over the graph's nodes: at each node, the first rule that matches and accepts
+    rewrites it. Nodes already taken by a rewrite in this sweep are not matched again. Refusals
+    go to `misses` as {(rule, node): reason}."""
+    outs = output_tensors(env.graph)
+    taken: set[int] = set()
+    applied = 0
+    for node in list(env.graph.nodes):
+        if id(node) in taken or not node.outputs:
+            continue
+        for rule in rules:
+            m = match_node(rule.pattern, node)
+            if m is None or any(id(n) in taken for n in m.matched):
+                continue
+            reason = internal_uses_refusal(m, outs) or rule.check(m, env)
+            if reason:
+                misses[(rule.name, node.name or node.op)] = reason
+                continue
+            outputs = list(node.outputs)
+            node.outputs.clear()
+            env.graph.nodes.extend(rule.rewrite(m, env, outputs))
+            taken.update(id(n) for n in m.matched)
+            counts[rule.name] += 1
+            applied += 1
+            break
+    return applied

@@ -1,0 +1,188 @@
+"""fuse: each rule with exact counts and numerics, negatives, idempotence, and the target split."""
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxopt
+from models.builders import from_text, ops, optimize_checked, random_feeds
+
+def header(opset: int, ir: int = 8) -> str:
+    return f'<ir_version: {ir}, opset_import: ["" : {opset}]>'
+
+
+def gelu_model(opset: int, form: str = "legacy", bias: bool = False) -> onnx.ModelProto:
+    body = {
+        "legacy": "q = Div(x, s)\n e = Erf(q)\n p = Add(e, one)\n r = Mul(x, p)\n y = Mul(r, half)",
+        "dynamo": "q = Div(x, s)\n e = Erf(q)\n p = Add(e, one)\n r = Mul(half, p)\n y = Mul(x, r)",
+        "scaled": "q = Mul(x, si)\n e = Erf(q)\n p = Add(one, e)\n r = Mul(x, half)\n y = Mul(r, p)",
+    }[form]
+    pre = "x = Add(a, b)" if bias else "x = Identity(a)"
+    return from_text(f"""
+        {header(opset)}
+        g (float[2,3,4] a) => (float[2,3,4] y)
+        <float s = {{1.4142135}}, float si = {{0.70710677}}, float one = {{1.0}}, float half = {{0.5}},
+         float[4] b = {{0.1, 0.2, 0.3, 0.4}}> {{
+            {pre}
+            {body}
+        }}""")
+
+
+def fuse(model, target="onnx", **kwargs):
+    return optimize_checked(model, ["fuse"], target=target, **kwargs)
+
+
+@pytest.mark.parametrize("form", ["legacy", "dynamo", "scaled"])
+def test_gelu_onnx_opset20(form):
+    out, result = fuse(gelu_model(20, form))
+    assert ops(out) == ["Identity", "Gelu"] and out.graph.node[1].domain == ""
+    assert result.passes[0].counts == {"gelu": 1}
+
+
+def test_gelu_onnx_refused_below_opset20():
+    model = gelu_model(17)
+    out, result = fuse(model)
+    assert ops(out) == ops(model) and result.passes[0].counts == {}
+
+
+@pytest.mark.parametrize("form", ["legacy", "dynamo"])
+def test_gelu_ort(form):
+    out, result = fuse(gelu_model(17, form), target="ort")
+    assert ops(out) == ["Identity", "Gelu"] and out.graph.node[1].domain == "com.microsoft"
+    assert result.passes[0].counts == {"gelu": 1}
+    assert {o.domain for o in out.opset_import} == {"", "com.microsoft"}
+
+
+def test_bias_gelu_ort():
+    out, result = fuse(gelu_model(17, bias=True), target="ort")
+    assert ops(out) == ["BiasGelu"] and result.passes[0].counts == {"gelu": 1, "bias_gelu": 1}
+
+
+def test_gelu_whose_intermediate_is_used_elsewhere_is_not_fused():
+    model = from_text(f"""
+        {header(20)}
+        g (float[2,4] x) => (float[2,4] y, float[2,4] e)
+        <float s = {{1.4142135}}, float one = {{1.0}}, float half = {{0.5}}> {{
+            q = Div(x, s)
+            e = Erf(q)
+            p = Add(e, one)
+            r = Mul(x, p)
+            y = Mul(r, half)
+        }}""")
+    out, result = fuse(model)
+    assert ops(out) == ops(model) and result.passes[0].counts == {}
+
+
+def test_gelu_with_wrong_constant_is_not_fused():
+    model = from_text(f"""
+        {header(20)}
+        g (float[2,4] x) => (float[2,4] y) <float s = {{1.5}}, float one = {{1.0}}, float half = {{0.5}}> {{
+            q = Div(x, s)
+            e = Erf(q)
+            p = Add(e, one)
+            r = Mul(x, p)
+            y = Mul(r, half)
+        }}""")
+    out, result = fuse(model)
+    assert ops(out) == ops(model)
+
+
+def layer_norm_model(opset=17, square="Pow(d, two)", axes="-1", gamma="float[4] gamma = {1.0, 2.0, 0.5, 1.5}"):
+    if opset >= 18:
+        mean = f"m = ReduceMean(x, ax)\n v = ReduceMean(sq, ax)"
+    else:
+        mean = f"m = ReduceMean<axes = [{axes}]>(x)\n v = ReduceMean<axes = [{axes}]>(sq)"
+    return from_text(f"""
+        {header(opset)}
+        g (float[2,3,4] x) => (float[2,3,4] y)
+        <float two = {{2.0}}, float eps = {{1e-5}}, {gamma}, float[4] beta = {{0.1, 0.2, 0.3, 0.4}},
+         int64[1] ax = {{{axes}}}> {{
+            {mean.split(chr(10))[0]}
+            d = Sub(x, m)
+            sq = {square}
+            {mean.split(chr(10))[1].strip()}
+            ve = Add(v, eps)
+            sd = Sqrt(ve)
+            n = Div(d, sd)
+            gm = Mul(n, gamma)
+            y = Add(gm, beta)
+        }}""")
+
+
+@pytest.mark.parametrize("opset, square", [(17, "Pow(d, two)"), (17, "Mul(d, d)"), (18, "Pow(d, two)")])
+def test_layer_norm(opset, square):
+    out, result = fuse(layer_norm_model(opset, square))
+    assert ops(out) == ["LayerNormalization"] and result.passes[0].counts == {"layer_norm": 1}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in out.graph.node[0].attribute}
+    assert attrs["axis"] == -1 and attrs["epsilon"] == pytest.approx(1e-5)
+
+
+def test_layer_norm_not_over_last_axis():
+    model = layer_norm_model(17, axes="1", gamma="float[4] gamma = {1.0, 2.0, 0.5, 1.5}")
+    out, result = fuse(model)
+    assert ops(out) == ops(model)
+
+
+@pytest.mark.parametrize("target", ["onnx", "ort"])
+def test_layer_norm_needs_opset17(target):
+    model = layer_norm_model(13)
+    out, result = fuse(model, target=target)
+    assert ops(out) == ops(model) and result.passes[0].counts == {}
+
+
+def skip_model(skip_shape="float[2,3,4]"):
+    return from_text(f"""
+        {header(17)}
+        g (float[2,3,4] a, {skip_shape} b) => (float[2,3,4] y)
+        <float[4] gamma = {{1.0, 2.0, 0.5, 1.5}}, float[4] beta = {{0.1, 0.2, 0.3, 0.4}}> {{
+            s = Add(a, b)
+            y = LayerNormalization<axis = -1, epsilon = 1e-5>(s, gamma, beta)
+        }}""")
+
+
+def test_skip_layer_norm_ort_only():
+    out, result = fuse(skip_model(), target="ort")
+    assert ops(out) == ["SkipLayerNormalization"] and result.passes[0].counts == {"skip_layer_norm": 1}
+    out, result = fuse(skip_model(), target="onnx")
+    assert ops(out) == ["Add", "LayerNormalization"] and result.passes[0].counts == {}
+
+
+def test_skip_layer_norm_refuses_broadcast():
+    model = skip_model("float[1,3,4]")
+    out, result = fuse(model, target="ort")
+    assert ops(out) == ["Add", "LayerNormalization"]
+
+
+@pytest.mark.parametrize("model, target", [(gelu_model(17, bias=True), "ort"), (layer_norm_model(17), "onnx"),
+                                           (skip_model(), "ort")])
+def test_idempotent(model, target):
+    once = onnxopt.optimize(model, passes=["fuse"], target=target, verify="none").model
+    twice = onnxopt.optimize(once, passes=["fuse"], target=target, verify="none")
+    assert twice.passes[0].counts == {} and ops(twice.model) == ops(once)
+
+
+def test_fuse_inside_if_branch():
+    model = from_text(f"""
+        {header(20)}
+        g (bool c, float[2,4] x) => (float[2,4] y) <float s = {{1.4142135}}, float one = {{1.0}}, float half = {{0.5}}> {{
+            y = If(c) <then_branch = t () => (float[2,4] ty) {{
+                q = Div(x, s)
+                e = Erf(q)
+                p = Add(e, one)
+                r = Mul(x, p)
+                ty = Mul(r, half)
+            }}, else_branch = f () => (float[2,4] fy) {{ fy = Identity(x) }}>
+        }}""")
+    for cond in (True, False):
+        feeds = {"c": np.array(cond), "x": random_feeds(model)["x"]}
+        out, result = fuse(model, feeds=feeds)
+        assert result.passes[0].counts == {"gelu": 1}
+        then = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
+        assert [n.op_type for n in then.node] == ["Gelu"]
+
+
+def test_explain_names_the_rule_the_node_and_the_reason():
+    result = onnxopt.optimize(gelu_model(17), passes=["fuse"], verify="none", explain=True)
+    # the node has no name in the ONNX text: its op type stands for it
+    assert result.explain == ["fuse: gelu at Mul: not fused: Gelu needs opset 20, the model has 17"]
+    assert onnxopt.optimize(gelu_model(17), passes=["fuse"], verify="none").explain == []
