@@ -702,14 +702,16 @@ def _slice_entries(node, vals, opset_version):
 
 
 def _as_gs_shape(inferred: list, declared) -> list:
-    """Merge proven dims into a gs shape: ints and model symbols fill unknown entries only."""
+    """Merge proven dims into a gs shape: proven sizes replace symbols; proven model symbols fill
+    only unknown entries."""
     shape = list(declared) if declared is not None else [None] * len(inferred)
     for i, d in enumerate(inferred):
         known = shape[i]
+        if isinstance(d, int):
+            shape[i] = d  # a proven size beats a symbol
+            continue
         if isinstance(known, (int, np.integer)) and known >= 0 or isinstance(known, str) and known:
             continue
-        if isinstance(d, int):
-            shape[i] = d
         elif isinstance(d, _Sym) and d.key[0] == "param":
             shape[i] = d.key[1]
         else:

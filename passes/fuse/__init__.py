@@ -19,10 +19,11 @@ from onnxopt.pattern import internal_uses_refusal, match_node
 from onnxopt.pipeline import Pass
 
 from .activations import RULES as ACTIVATION_RULES
+from .attention import RULES as ATTENTION_RULES
 from .norms import RULES as NORM_RULES
 
 # Priority order: norms before the activations that may sit inside them.
-RULES = NORM_RULES + ACTIVATION_RULES
+RULES = ATTENTION_RULES + NORM_RULES + ACTIVATION_RULES
 _MAX_SWEEPS = 4
 
 
@@ -38,7 +39,7 @@ class Env:
 
 class FusePass(Pass):
     name = "fuse"
-    summary = "operator fusion: LayerNorm, SkipLayerNorm (ort), GELU and BiasGelu (ort)"
+    summary = "operator fusion: attention (ort), LayerNorm, SkipLayerNorm (ort), GELU, BiasGelu (ort)"
     after = ("fold", "cleanup")
     tolerance = "fp32"
 
