@@ -702,20 +702,17 @@ def _slice_entries(node, vals, opset_version):
 
 
 def _as_gs_shape(inferred: list, declared) -> list:
-    """Merge proven dims into a gs shape: proven sizes replace symbols; proven model symbols fill
-    only unknown entries."""
+    """Merge proven dims into a gs shape: a proven size replaces a symbol or an unknown; a proven
+    model symbol fills only an unknown; declared sizes stay."""
     shape = list(declared) if declared is not None else [None] * len(inferred)
     for i, d in enumerate(inferred):
         known = shape[i]
+        if isinstance(known, (int, np.integer)) and known >= 0:
+            continue
         if isinstance(d, int):
-            shape[i] = d  # a proven size beats a symbol
-            continue
-        if isinstance(known, (int, np.integer)) and known >= 0 or isinstance(known, str) and known:
-            continue
-        elif isinstance(d, _Sym) and d.key[0] == "param":
-            shape[i] = d.key[1]
-        else:
-            shape[i] = None
+            shape[i] = d
+        elif not (isinstance(known, str) and known):
+            shape[i] = d.key[1] if isinstance(d, _Sym) and d.key[0] == "param" else None
     return shape
 
 
