@@ -225,12 +225,14 @@ def _numpy_eval(node: gs.Node, x: list, opset_version: int) -> list[np.ndarray] 
 
 def fold_into_conv(graph: gs.Graph, names: Names) -> Counter:
     """Fold an inference BatchNormalization, or a Mul/Add by a per-output-channel constant, that
-    alone consumes a Conv's output into the Conv's weight and bias (computed in float64, stored in
-    the weight's type). The Conv then writes the folded node's output."""
+    alone consumes a Conv's (or a group-1 ConvTranspose's) output into its weight and bias
+    (computed in float64, stored in the weight's type). The Conv then writes the folded node's
+    output."""
     counts = Counter()
     outs = output_tensors(graph)
     for node in list(graph.nodes):
-        if node.op != "Conv" or node.domain not in STANDARD_DOMAINS or len(node.outputs) != 1:
+        if (node.op not in ("Conv", "ConvTranspose") or node.domain not in STANDARD_DOMAINS
+                or len(node.outputs) != 1 or (node.op == "ConvTranspose" and node.attrs.get("group", 1) != 1)):
             continue
         while True:
             nxt = _conv_consumer(node, graph, outs)
@@ -289,7 +291,7 @@ def _conv_consumer(conv: gs.Node, graph: gs.Graph, outs: set[int]) -> gs.Node | 
 def _channel_affine(nxt: gs.Node, conv: gs.Node, graph: gs.Graph):
     """(scale, shift) per output channel such that nxt(y) == y * scale + shift, or None."""
     weight = conv.inputs[1]
-    channels, rank = weight.shape[0], len(weight.shape)
+    channels, rank = weight.shape[_out_axis(conv)], len(weight.shape)
     if nxt.domain not in STANDARD_DOMAINS or len(nxt.outputs) != 1:
         return None
     if nxt.op == "BatchNormalization":
@@ -320,10 +322,17 @@ def _channel_affine(nxt: gs.Node, conv: gs.Node, graph: gs.Graph):
     return np.ones(channels), per_channel if nxt.op == "Add" else -per_channel
 
 
+def _out_axis(conv: gs.Node) -> int:
+    """The weight axis of the output channels: Conv [M, C/g, k...], ConvTranspose [C, M/g, k...]."""
+    return 1 if conv.op == "ConvTranspose" else 0
+
+
 def _rescale_conv(conv: gs.Node, scale: np.ndarray, shift: np.ndarray, names: Names) -> None:
     weight = conv.inputs[1]
     w = values(weight)
-    weight.values = (w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+    shape = [1] * w.ndim
+    shape[_out_axis(conv)] = -1
+    weight.values = (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype)
     if len(conv.inputs) > 2 and conv.inputs[2].name:
         b = values(conv.inputs[2]).astype(np.float64)
         conv.inputs[2].values = (b * scale + shift).astype(w.dtype)

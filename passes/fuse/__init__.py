@@ -20,10 +20,11 @@ from onnxopt.pipeline import Pass
 
 from .activations import RULES as ACTIVATION_RULES
 from .attention import RULES as ATTENTION_RULES
+from .conv import RULES as CONV_RULES
 from .norms import RULES as NORM_RULES
 
-# Priority order: norms before the activations that may sit inside them.
-RULES = ATTENTION_RULES + NORM_RULES + ACTIVATION_RULES
+# Priority order: the big patterns first, then norms, then the activations that sit inside them.
+RULES = ATTENTION_RULES + NORM_RULES + ACTIVATION_RULES + CONV_RULES
 _MAX_SWEEPS = 4
 
 
@@ -39,7 +40,7 @@ class Env:
 
 class FusePass(Pass):
     name = "fuse"
-    summary = "operator fusion: attention (ort), LayerNorm, SkipLayerNorm (ort), GELU, BiasGelu (ort)"
+    summary = "operator fusion: attention, LayerNorm, SkipLayerNorm, GELU, BiasGelu, Conv+activation (ort)"
     after = ("fold", "cleanup")
     tolerance = "fp32"
 

@@ -141,3 +141,28 @@ def test_matmul_add_not_gemm(x_shape, b_shape):
         }}""")
     out, result = optimize_checked(model, ["fold"])
     assert ops(out) == ["MatMul", "Add"]
+
+
+def test_conv_transpose_bn_folds_into_weights():
+    rng = np.random.default_rng(0)
+    w = ", ".join(f"{v:.4f}" for v in rng.standard_normal(3 * 4 * 2 * 2))
+    model = from_text(f"""
+        {HEADER}
+        g (float[1,3,5,5] x) => (float[1,4,10,10] y) <float[3,4,2,2] W = {{{w}}}{BN}> {{
+            c = ConvTranspose <strides = [2, 2]> (x, W)
+            y = BatchNormalization (c, s, t, m, v)
+        }}""")
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["ConvTranspose"] and result.passes[0].counts == {"conv_bn_folded": 1}
+
+
+def test_grouped_conv_transpose_is_not_folded():
+    w = ", ".join(["0.5"] * (4 * 2 * 2 * 2))
+    model = from_text(f"""
+        {HEADER}
+        g (float[1,4,5,5] x) => (float[1,4,10,10] y) <float[4,2,2,2] W = {{{w}}}{BN}> {{
+            c = ConvTranspose <strides = [2, 2], group = 2> (x, W)
+            y = BatchNormalization (c, s, t, m, v)
+        }}""")
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["ConvTranspose", "BatchNormalization"] and result.passes[0].counts == {}

@@ -186,3 +186,55 @@ def test_explain_names_the_rule_the_node_and_the_reason():
     # the node has no name in the ONNX text: its op type stands for it
     assert result.explain == ["fuse: gelu at Mul: not fused: Gelu needs opset 20, the model has 17"]
     assert onnxopt.optimize(gelu_model(17), passes=["fuse"], verify="none").explain == []
+
+
+def conv_act_model(act: str, opset: int = 17, extra: str = "") -> onnx.ModelProto:
+    w = ", ".join(f"{v:.3f}" for v in np.random.default_rng(0).standard_normal(4 * 3 * 3 * 3))
+    return from_text(f"""
+        {header(opset)}
+        g (float[1,3,6,6] x) => (float[1,4,6,6] y)
+        <float[4,3,3,3] W = {{{w}}}, float[4] B = {{0.1, -0.2, 0.3, 0.0}}, float lo = {{0.0}}, float hi = {{0.5}}{extra}> {{
+            c = Conv <pads = [1, 1, 1, 1]> (x, W, B)
+            y = {act}
+        }}""")
+
+
+@pytest.mark.parametrize("act, params", [
+    ("Relu(c)", None), ("Sigmoid(c)", None), ("Tanh(c)", None),
+    ("LeakyRelu <alpha = 0.1> (c)", [0.1]), ("HardSigmoid <alpha = 0.25, beta = 0.4> (c)", [0.25, 0.4]),
+    ("Clip(c, lo, hi)", [0.0, 0.5]), ("Clip(c, lo)", [0.0, float(np.finfo(np.float32).max)]),
+])
+def test_conv_activation_ort(act, params):
+    out, result = fuse(conv_act_model(act), target="ort")
+    assert ops(out) == ["FusedConv"] and result.passes[0].counts == {"conv_activation": 1}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in out.graph.node[0].attribute}
+    assert attrs["activation"].decode() == act.split("(")[0].split(" ")[0]
+    assert attrs["pads"] == [1, 1, 1, 1]
+    if params is None:
+        assert "activation_params" not in attrs
+    else:
+        assert attrs["activation_params"] == pytest.approx(params)
+
+
+def test_conv_activation_with_old_clip_attributes():
+    out, result = fuse(conv_act_model("Clip <min = 0.0, max = 6.0> (c)", opset=10), target="ort")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in out.graph.node[0].attribute}
+    assert ops(out) == ["FusedConv"] and attrs["activation_params"] == pytest.approx([0.0, 6.0])
+
+
+@pytest.mark.parametrize("act, target", [("Relu(c)", "onnx"), ("Elu(c)", "ort")])
+def test_conv_activation_not_fused(act, target):
+    model = conv_act_model(act)
+    out, result = fuse(model, target=target)
+    assert ops(out) == ops(model) and result.passes[0].counts == {}
+
+
+def test_conv_activation_clip_bound_from_input_is_not_fused():
+    model = from_text(f"""
+        {header(17)}
+        g (float[1,3,6,6] x, float hi) => (float[1,3,6,6] y) <float[3,3,1,1] W = {{{", ".join(["0.5"] * 9)}}}> {{
+            c = Conv (x, W)
+            y = Clip(c, , hi)
+        }}""")
+    out, result = fuse(model, target="ort", feeds={"x": np.ones((1, 3, 6, 6), np.float32), "hi": np.array(0.7, np.float32)})
+    assert ops(out) == ["Conv", "Clip"]
