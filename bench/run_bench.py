@@ -24,7 +24,9 @@ measures the tool's output model:
                 ratio = median of the per-round ratios candidate/original
                 (< 1 means the optimized model is faster)
 
-Tools: onnxopt (this project's CLI, `--onnxopt-cmd`), ort-extended (onnxruntime
+Tools: onnxopt (this project's CLI, `--onnxopt-cmd`: fold,cleanup; and fold,cleanup,fuse for
+--target onnx and ort), ort-transformers (onnxruntime.transformers.optimizer, bert, on the MiniLM
+models), ort-extended (onnxruntime
 offline optimization at ORT_ENABLE_EXTENDED, saved via optimized_model_filepath),
 onnxsim and onnxslim (their CLIs via `python -m`).  Missing baselines are
 pip-installed from bench/requirements.txt unless --no-install; a tool that
@@ -57,7 +59,18 @@ MODELS = {
     "ppocr_rec": ("ppocr", "ch_PP-OCRv4_rec_infer.onnx", (1, 3, 48, 320)),
     "ppocr_cls": ("ppocr", "ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192)),
 }
-TOOLS = ["onnxopt", "ort-extended", "onnxsim", "onnxslim"]
+TOOLS = ["onnxopt", "onnxopt-fuse-onnx", "onnxopt-fuse-ort", "ort-extended", "ort-transformers", "onnxsim",
+         "onnxslim"]
+# onnxopt's rows: the passes and target each one runs
+ONNXOPT_RUNS = {"onnxopt": ("fold,cleanup", "onnx"), "onnxopt-fuse-onnx": ("fold,cleanup,fuse", "onnx"),
+                "onnxopt-fuse-ort": ("fold,cleanup,fuse", "ort")}
+# onnxruntime's transformer optimizer (model type bert), for the transformer models only. opt_level=0:
+# its fusions are its own Python rewrites; level 1+ also needs torch, which is not installed here.
+ORT_TRANSFORMERS = """import sys, onnxruntime.transformers.optimizer as o
+m = o.optimize_model(sys.argv[1], model_type="bert", num_heads=12, hidden_size=384, opt_level=0)
+m.save_model_to_file(sys.argv[2])
+"""
+MINILM_LATENCY_SEQ = 128  # the latency of the MiniLM models is measured at this sequence length
 ORT_OPTIMIZE = """import sys, onnxruntime as ort
 so = ort.SessionOptions()
 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -100,6 +113,16 @@ def make_feeds(path, shape, npz_path):
     return {n: rng.standard_normal(shape).astype(np.float32) for n in names}
 
 
+def latency_feeds(sample):
+    """MiniLM latency inputs: one sequence of MINILM_LATENCY_SEQ tokens, the real sample tokens
+    repeated, with the last quarter padding (attention_mask 0)."""
+    n = MINILM_LATENCY_SEQ
+    ids = np.resize(sample["input_ids"].reshape(-1), (1, n)).astype(np.int64)
+    mask = np.ones((1, n), np.int64)
+    mask[:, 3 * n // 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros((1, n), np.int64)}
+
+
 # ----------------------------------------------------------------- tools ---
 def tail(text, n=300):
     text = " ".join(text.strip().split())
@@ -131,11 +154,16 @@ def ensure_installed(tool, allow_install, cache={}):
 def tool_command(tool, src, out, args, inputs):
     """Return (argv, None) or (None, skip reason). onnxopt runs as users run it: with its default
     verification against onnxruntime (on the bench's own inputs), which its time includes."""
-    if tool == "onnxopt":
+    if tool in ONNXOPT_RUNS:
         base = shlex.split(args.onnxopt_cmd)
         if not base or shutil.which(base[0]) is None:
             return None, f"command {args.onnxopt_cmd!r} not found (pip install -e . first?)"
-        return base + [str(src), "-o", str(out), "--passes", "fold,cleanup", "--inputs", str(inputs)], None
+        passes, target = ONNXOPT_RUNS[tool]
+        return base + [str(src), "-o", str(out), "--passes", passes, "--target", target, "--inputs", str(inputs)], None
+    if tool == "ort-transformers":
+        if "minilm" not in src.name.lower():
+            return None, "not a transformer model"
+        return [sys.executable, "-c", ORT_TRANSFORMERS, str(src), str(out)], None
     if tool == "ort-extended":
         return [sys.executable, "-c", ORT_OPTIMIZE, str(src), str(out)], None
     reason = ensure_installed(tool, not args.no_install)
@@ -255,10 +283,20 @@ def compare(ref, path, feeds):
     return ok, f"maxdiff {worst:.1e}"
 
 
-def latency(orig_path, cand_path, feeds, rounds, warmup):
+def session_ms(path, repeats=5):
+    """Median time to create an onnxruntime session (default options, 1 thread), in ms."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session(path, None)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def latency(orig_path, cand_path, feeds, rounds, warmup, cand_level=None):
     """Median of per-round (candidate / original) times, interleaved runs; the order within a
     round alternates so neither session always runs second (warm caches)."""
-    s0, s1 = session(orig_path, None), session(cand_path, None)
+    s0, s1 = session(orig_path, None), session(cand_path, cand_level)
     for _ in range(warmup):
         s0.run(None, feeds)
         s1.run(None, feeds)
@@ -307,8 +345,8 @@ def write_reports(env, rows, md_path, json_path):
         f"- outputs match: rtol={RTOL}, atol={ATOL} vs the original (ORT_DISABLE_ALL); latency "
         "ratio: median of per-round candidate/original times, 1 thread, <1 is faster", "",
         "| model | tool | nodes | non-Constant nodes | size MB | params | checker | outputs match "
-        "| latency ratio | opt time s | peak MB | notes |",
-        "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---|",
+        "| latency ratio | ratio, ORT opts off | session ms | opt time s | peak MB | notes |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         match = "" if r.get("outputs_match") is None else ("yes" if r["outputs_match"] else "NO")
@@ -320,13 +358,14 @@ def write_reports(env, rows, md_path, json_path):
         lines.append(f"| {r['model']} | {r['tool']} | {fmt(r.get('nodes'), 'd')} | "
                      f"{fmt(r.get('nonconst_nodes'), 'd')} | "
                      f"{fmt(r.get('size_mb'), '.2f')} | {fmt(r.get('params'), ',d')} | {checker} | "
-                     f"{match} | {fmt(r.get('latency_ratio'), '.3f')} | {fmt(r.get('opt_time_s'), '.2f')} | "
+                     f"{match} | {fmt(r.get('latency_ratio'), '.3f')} | {fmt(r.get('latency_ratio_noopt'), '.3f')} | "
+                     f"{fmt(r.get('session_ms'), '.0f')} | {fmt(r.get('opt_time_s'), '.2f')} | "
                      f"{fmt(r.get('peak_mb'), '.0f')} | {notes} |")
     md_path.write_text("\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------ main ---
-def bench_tool(name, tool, src, feeds, ref, args, out_dir):
+def bench_tool(name, tool, src, feeds, lat_feeds, ref, args, out_dir):
     row = {"model": name, "tool": tool}
     out = out_dir / f"{name}.{tool}.onnx"
     for stale in out_dir.glob(f"{name}.{tool}.*"):
@@ -337,7 +376,7 @@ def bench_tool(name, tool, src, feeds, ref, args, out_dir):
     if cmd is None:
         row["notes"] = "skipped: " + reason
         return row
-    row["command"] = shlex.join(cmd if tool != "ort-extended" else cmd[:1] + ["-c", "<ORT_OPTIMIZE>"] + cmd[3:])
+    row["command"] = shlex.join(cmd[:2] + ["<script>"] + cmd[3:] if cmd[1:2] == ["-c"] else cmd)
     log = out_dir / f"{name}.{tool}.log"
     rc, row["opt_time_s"], row["peak_mb"] = run_measured(cmd, log, args.timeout)
     if rc != 0 or not out.exists():
@@ -346,8 +385,12 @@ def bench_tool(name, tool, src, feeds, ref, args, out_dir):
     row.update(model_stats(out))
     try:
         row["outputs_match"], row["notes"] = compare(ref, out, feeds)
-        row["latency_ratio"], row["orig_ms"], row["cand_ms"] = latency(src, out, feeds, args.rounds, args.warmup)
+        row["latency_ratio"], row["orig_ms"], row["cand_ms"] = latency(src, out, lat_feeds, args.rounds, args.warmup)
         row["notes"] += f"; {row['cand_ms']:.2f} ms vs {row['orig_ms']:.2f} ms"
+        row["session_ms"] = session_ms(out)
+        if tool.startswith("onnxopt-fuse"):  # as on a runtime without an optimizer of its own
+            row["latency_ratio_noopt"], _, _ = latency(src, out, lat_feeds, args.rounds, args.warmup,
+                                                       ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     except Exception as e:  # noqa: BLE001 - e.g. onnxruntime cannot load the output
         row["notes"] = "onnxruntime failed: " + tail(str(e), 200)
     return row
@@ -395,13 +438,15 @@ def main():
             continue
         print(f"[{name}] {src}", flush=True)
         feeds = make_feeds(src, shape, args.shared_models / "sample_inputs.npz")
+        lat_feeds = latency_feeds(feeds) if shape is None else feeds
         ref = reference_outputs(src, feeds)
         orig = {"model": name, "tool": "original", "path": str(src), **model_stats(src)}
         # The original against itself (two sessions, same file): the noise floor of the ratios.
-        orig["latency_ratio"], orig["orig_ms"], _ = latency(src, src, feeds, args.rounds, args.warmup)
+        orig["latency_ratio"], orig["orig_ms"], _ = latency(src, src, lat_feeds, args.rounds, args.warmup)
+        orig["session_ms"] = session_ms(src)
         rows.append(orig)
         for tool in tools:
-            row = bench_tool(name, tool, src, feeds, ref, args, out_dir)
+            row = bench_tool(name, tool, src, feeds, lat_feeds, ref, args, out_dir)
             rows.append(row)
             print(f"  {tool:13s} nodes={row.get('nodes')} time={fmt(row.get('opt_time_s'), '.2f')}s "
                   f"peak={fmt(row.get('peak_mb'), '.0f')}MB ratio={fmt(row.get('latency_ratio'), '.3f')} "
