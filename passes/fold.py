@@ -151,7 +151,7 @@ class Evaluator:
         except Exception:  # noqa: BLE001 - anything odd goes to onnxruntime
             fast = None
         if fast is not None:
-            return fast
+            return [np.asarray(r) for r in fast]  # numpy gives scalars for some 0-d results
         return self._ort(node, inputs)
 
     def _ort(self, node: gs.Node, inputs: list) -> list[np.ndarray] | None:
@@ -176,7 +176,15 @@ class Evaluator:
             return None
         if not all(isinstance(r, np.ndarray) and r.dtype.kind in "biuf" for r in results):
             return None
+        declared = [o.type for o in session.get_outputs()]
+        if any(t != _ort_type(r.dtype) for t, r in zip(declared, results)):
+            return None  # float8 comes back as its uint8 bit patterns: not a value to fold
         return results
+
+
+def _ort_type(dtype: np.dtype) -> str:
+    """onnxruntime's name for the tensor type of a numpy dtype: `tensor(float)`, `tensor(int64)`..."""
+    return f"tensor({onnx.TensorProto.DataType.Name(onnx.helper.np_dtype_to_tensor_dtype(dtype)).lower()})"
 
 
 def _numpy_eval(node: gs.Node, x: list, opset_version: int) -> list[np.ndarray] | None:
@@ -259,7 +267,8 @@ def fold_bias_into_matmul(graph: gs.Graph) -> Counter:
             continue
         x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
         if (x.shape is None or len(x.shape) != 2 or not is_constant(w) or len(w.shape) != 2
-                or np.dtype(w.dtype).kind != "f" or id(y) in outs or len(y.outputs) != 1):
+                or isinstance(w.dtype, int) or np.dtype(w.dtype).kind != "f" or id(y) in outs
+                or len(y.outputs) != 1):
             continue
         add = y.outputs[0]
         if add.op != "Add" or add.domain not in STANDARD_DOMAINS or len(add.inputs) != 2:
@@ -550,6 +559,7 @@ def fold_shapes(graph: gs.Graph, names: Names) -> Counter:
         if id(t) in known:
             return known[id(t)]
         if not (isinstance(t, gs.Constant) and t.shape is not None and len(t.shape) <= 1
+                and not isinstance(t.dtype, int)  # gs's dtype is the ONNX type number where numpy has none
                 and np.dtype(t.dtype).kind in "iu" and int(np.prod(t.shape)) <= 64):
             return None  # look only at small integer vectors, never load weights
         c = const_value(t)

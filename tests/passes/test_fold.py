@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+import onnxopt
 from models.builders import from_text, optimize_checked, ops, random_feeds, run
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -205,6 +206,57 @@ def test_ir3_initializer_listed_as_input_is_folded():
     out = check(m, {"nodes_folded": 1}, ["Add"])
     np.testing.assert_array_equal(inits(out)["n"], np.array([-1, -2, -3], np.float32))
     assert [i.name for i in out.graph.input] == ["x", "n"]
+
+
+@pytest.mark.parametrize("op", ["Gather<axis = 0>(s, i)", "Add(i, i)"])
+def test_scalar_result_of_numpy_fold(op):
+    # numpy returns a scalar, not an array, for Gather with a scalar index and for arithmetic on
+    # 0-d arrays; the folded constant must still be a (0-d) tensor.
+    m = model(f"""
+    g (float[2] x) => (float[2] y) <int64[3] s = {{4, 8, 2}}, int64 i = {{1}}> {{
+        e = {op}
+        f = Cast<to = 1>(e)
+        y = Mul(x, f)
+    }}""")
+    out = check(m, {"nodes_folded": 2}, ["Mul"])
+    assert inits(out)["f"].shape == ()
+
+
+def test_float8_result_not_folded_as_its_bits():
+    # onnxruntime returns float8 tensors as their uint8 bit patterns: folding the first Cast would
+    # turn 1.0 into a uint8 constant 56 that the second Cast reads as 56.0.
+    m = from_text("""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[3] x) => (float[3] y) <float[3] c = {1, 2.5, -3}> {
+        e = Cast<to = 17>(c)
+        f = Cast<to = 1>(e)
+        y = Add(x, f)
+    }""")
+    unchanged(m)
+
+
+def test_float8_initializer_folded():
+    # gs keeps the ONNX type number as the dtype of a float8 constant (numpy has no float8).
+    m = from_text("""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[3] x) => (float[3] y) <float8e4m3fn[3] c = {56, 66, 196}> {
+        f = Cast<to = 1>(c)
+        y = Add(x, f)
+    }""")  # the bit patterns of 1, 2.5, -3
+    out = check(m, {"nodes_folded": 1}, ["Add"])
+    np.testing.assert_array_equal(inits(out)["f"], np.array([1, 2.5, -3], np.float32))
+
+
+def test_matmul_with_bfloat16_weight_left_alone():
+    # The MatMul + bias rule is for numpy float weights; a bfloat16 weight (an ONNX type number
+    # for gs) is skipped, not a crash. onnxruntime has no bfloat16 MatMul: no numeric check.
+    m = from_text("""<ir_version: 10, opset_import: ["" : 21]>
+    g (bfloat16[2,3] x) => (bfloat16[2,2] y) <bfloat16[3,2] w = {1, 2, 3, 4, 5, 6}, bfloat16[2] b = {1, 2}> {
+        p = MatMul(x, w)
+        y = Add(p, b)
+    }""")
+    result = onnxopt.optimize(m, passes=["fold"], verify="none")
+    assert result.passes[0].counts == {}
+    assert ops(result.model) == ["MatMul", "Add"]
+    onnx.checker.check_model(result.model, full_check=True)
 
 
 # ----------------------------------------------------------------------------------- size cap
