@@ -73,7 +73,8 @@ def _check(m, env):
     if "mask" in m.tensors:
         mask = m["mask"]
         heads = hidden // head_size
-        if mask.shape is None or len(mask.shape) != 4 or mask.shape[1] not in (1, heads) or mask.dtype != x.dtype:
+        if (mask.shape is None or len(mask.shape) != 4 or mask.shape[1] not in (1, heads) or mask.dtype != x.dtype
+                or 1 in mask.shape[2:]):  # onnxruntime's attention_bias does not broadcast over positions
             return "mask is not a 4-D [batch or 1, heads or 1, sequence, sequence] tensor of the input's type"
     if env.target != "ort":
         return "fused attention for --target onnx needs opset 23 (not implemented yet)"

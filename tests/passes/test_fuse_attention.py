@@ -83,6 +83,7 @@ def test_attention_is_idempotent():
 
 @pytest.mark.parametrize("kwargs, target, reason", [
     ({"mask_shape": (S, S)}, "ort", "mask is not a 4-D"),
+    ({"mask_shape": (B, 1, 1, S)}, "ort", "mask is not a 4-D"),  # HF-style [B, 1, 1, S] padding mask
     ({"probs_output": True}, "ort", "intermediate 'probs' is a graph output"),
     ({}, "onnx", "needs opset 23"),
 ])
