@@ -103,6 +103,8 @@ def import_model(model: onnx.ModelProto, shapes: bool = True) -> Model:
     finally:
         if shapes:
             del model.graph.value_info[n_value_info:]
+    # gs keeps the proto's own opset list: a copy, so a domain a pass adds never reaches the input
+    graph.import_domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
     if model.ir_version >= 4:  # before IR 4 all initializers are inputs: export lists them again
         _restore_initializer_inputs(model.graph, graph)
     meta = onnx.ModelProto()
@@ -196,7 +198,22 @@ def export_model(m: Model) -> onnx.ModelProto:
     out.opset_import.extend(o for o in update_import_domains(graph) if o.domain not in have)  # new domains
     if out.ir_version < 4:
         _initializers_as_inputs(out.graph)
+    _unique_node_names(out.graph, set())
     return out
+
+
+def _unique_node_names(graph: onnx.GraphProto, used: set[str]) -> None:
+    """Rename the later of two nodes that share a name (onnxruntime refuses such models)."""
+    for node in graph.node:
+        if node.name:
+            name, i = node.name, 0
+            while name in used:
+                i += 1
+                name = f"{node.name}_{i}"
+            node.name = name
+            used.add(name)
+    for sub in _proto_subgraphs(graph):
+        _unique_node_names(sub, used)
 
 
 def _export_graph(graph: gs.Graph, dst: onnx.GraphProto, keep: set[str], outer: frozenset = frozenset()) -> None:
@@ -209,21 +226,35 @@ def _export_graph(graph: gs.Graph, dst: onnx.GraphProto, keep: set[str], outer: 
     dst.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
     dst.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
     io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
-    mine = set()
     for t in graph.tensors().values():
-        if isinstance(t, gs.Constant):
-            if id(t) in outer:
-                continue
-            mine.add(id(t))
-            if isinstance(t._values, SparseValues):
-                dst.sparse_initializer.append(OnnxExporter.export_sparse_tensor_proto(t))
-            else:
-                dst.initializer.add().CopyFrom(OnnxExporter.export_tensor_proto(t))  # append fails past 2 GB
-        elif t.name in keep and t.name not in io_names and (t.dtype is not None or t.shape is not None):
+        if not isinstance(t, gs.Constant) and t.name in keep and t.name not in io_names and (
+                t.dtype is not None or t.shape is not None):
             dst.value_info.append(OnnxExporter.export_value_info_proto(t, False))
-    visible = outer | mine
+    mine = _constants_owned(graph, outer)
+    for t in mine.values():
+        if isinstance(t._values, SparseValues):
+            dst.sparse_initializer.append(OnnxExporter.export_sparse_tensor_proto(t))
+        else:
+            dst.initializer.add().CopyFrom(OnnxExporter.export_tensor_proto(t))  # append fails past 2 GB
+    visible = outer | frozenset(mine)
     for node in graph.nodes:
         dst.node.append(_export_node(node, keep, visible))
+
+
+def _constants_owned(graph: gs.Graph, outer: frozenset) -> dict:
+    """The constants a graph writes as its initializers: those its own nodes read, and those read
+    in two or more of its subgraphs (written once here, where all of them can see it), less the
+    ones an enclosing graph already wrote."""
+    owned = {id(t): t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    seen: dict[int, gs.Constant] = {}
+    shared: set[int] = set()
+    for node in graph.nodes:
+        for sub in subgraphs(node):
+            below = {id(t): t for g in all_graphs(sub) for t in g.tensors().values() if isinstance(t, gs.Constant)}
+            shared |= below.keys() & seen.keys()
+            seen.update(below)
+    owned.update((i, seen[i]) for i in shared)
+    return {i: t for i, t in owned.items() if i not in outer}
 
 
 def _export_node(node: gs.Node, keep: set[str], visible: frozenset) -> onnx.NodeProto:

@@ -56,6 +56,11 @@ def load_model_sized(path: str) -> tuple[onnx.ModelProto, int]:
         model = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
         raise ModelError(f"not a readable ONNX model: {path}: {_one_line(e) or 'protobuf parse error'}") from None
+    # Fields this onnx does not know (a newer schema, or damage the parser skipped) mean nothing to
+    # the checker or the passes, and the export could not keep them anyway; a TypeProto holding only
+    # such a field would reach the graph IR as a type without a value.
+    model.DiscardUnknownFields()
+    _check_strings(model, path)
     if not model.HasField("graph") or (not model.opset_import and model.ir_version == 0):
         raise ModelError(f"not an ONNX model (no graph or opset): {path}")
     folder = os.path.dirname(os.path.abspath(path))
@@ -84,19 +89,25 @@ def check_model(model: onnx.ModelProto | None = None, path: str | None = None) -
 
 
 def check_types(model: onnx.ModelProto, path: str | None = None) -> None:
-    """Strict type and shape inference over an input model, as the checker's full check runs it,
-    except that the shapes declared on graph outputs and value_info are not held against it: a stale
-    declared shape is harmless (onnxruntime runs such models), while an operator fed the wrong types
-    (Add of float and int64), an output declared with the wrong type or an invalid attribute make a
-    model onnxruntime refuses, and would reach the passes as a graph they cannot reason about.
-    Works on a copy without the large tensor data, so any model size costs little."""
+    """What onnx.checker's default check leaves out, over an input model: the graph must have
+    outputs, and strict type and shape inference must pass, as in the checker's full check, except
+    that shapes declared on graph outputs and value_info (subgraphs' too) are not held against the
+    model: a stale declared shape is harmless (onnxruntime runs such models), while an operator fed
+    the wrong types (Add of float and int64), an output declared with the wrong type or an invalid
+    attribute make a model onnxruntime refuses and the passes cannot reason about. A model that
+    strict inference refuses but onnxruntime loads is accepted. Works on a copy without the large
+    tensor data."""
     from .graph import _without_large_data
 
+    where = f"{path}: " if path else ""
+    if not model.graph.output:
+        raise ModelError(f"model has no graph outputs: {where}nothing to compute")
     skeleton = _without_large_data(model)
     graph = skeleton.graph
-    for vi in list(graph.output) + list(graph.value_info):
-        if vi.type.HasField("tensor_type"):
-            vi.type.tensor_type.ClearField("shape")
+    for g in _graphs(graph):
+        for vi in list(g.output) + list(g.value_info):
+            if vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
     for vi in graph.input:
         for dim in vi.type.tensor_type.shape.dim:
             if dim.HasField("dim_value") and dim.dim_value < 0:
@@ -104,8 +115,56 @@ def check_types(model: onnx.ModelProto, path: str | None = None) -> None:
     try:
         onnx.shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
-        where = f"{path}: " if path else ""
+        if _runtime_loads(model, path):
+            return  # onnx's strict inference is stricter than the runtime (e.g. inside function bodies)
         raise ModelError(f"model fails type and shape inference: {where}{_one_line(e)}") from None
+
+
+def _runtime_loads(model: onnx.ModelProto, path: str | None) -> bool:
+    """Whether onnxruntime accepts the model: the tie-breaker when onnx's strict inference refuses
+    a model that the checker passes (only reached on that failure, so its cost is rare)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 4
+    try:
+        source = path if path is not None else model.SerializeToString()
+        ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        return True
+    except Exception:  # noqa: BLE001 - any refusal (or a model too big to serialize) means no
+        return False
+
+
+def _check_strings(model: onnx.ModelProto, path: str) -> None:
+    """Refuse a string field that is not UTF-8 (a damaged name or doc string). The protobuf parser
+    accepts it and hands it to Python as bytes, which the graph IR cannot name a tensor or a graph
+    with. Tensor data is not walked: only tensors' names, doc strings and external data entries."""
+    from .graph import _is_repeated
+
+    stack: list = [model]
+    while stack:
+        message = stack.pop()
+        if isinstance(message, onnx.TensorProto):
+            texts = [message.name, message.doc_string] + [s for e in message.external_data for s in (e.key, e.value)]
+            if any(isinstance(s, bytes) for s in texts):
+                raise ModelError(f"not a readable ONNX model: {path}: tensor name or doc string is not UTF-8 text")
+            continue
+        for fd, value in message.ListFields():
+            if fd.type == fd.TYPE_STRING:
+                if any(isinstance(s, bytes) for s in (value if _is_repeated(fd) else [value])):
+                    raise ModelError(f"not a readable ONNX model: {path}: {fd.full_name} is not UTF-8 text")
+            elif fd.type == fd.TYPE_MESSAGE:
+                stack.extend(value if _is_repeated(fd) else [value])
+
+
+def _graphs(graph: onnx.GraphProto):
+    """The graph and the subgraphs in its nodes' attributes, at any depth."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _graphs(sub)
 
 
 def _all_tensors(model: onnx.ModelProto):
