@@ -7,7 +7,7 @@ and a `rewrite` that builds the replacement; a rule list is ordered by priority.
 
     GELU = Op("Mul", Op("Mul", X, Op("Add", Op("Erf", Op("Div", X, C("sqrt2"))), C("one"))), C("half"))
 
-`Op(..., commute=True)` also tries the two inputs swapped (the default for Add and Mul). A capture
+`Op(..., commute=True)` also tries the first two inputs swapped (the default for Add and Mul). A capture
 name used twice must bind the same tensor (or, for a named `Op`, the same node). `C(name)` matches
 a constant (never an overridable initializer).
 """
@@ -83,8 +83,8 @@ def _match_node(p: Op, node: gs.Node, m: Match) -> Match | None:
     if node.op not in ops or node.domain not in p.domains or len(node.inputs) < len(p.inputs):
         return None
     orders = [list(range(len(p.inputs)))]
-    if p.commute and len(p.inputs) == 2:
-        orders.append([1, 0])
+    if p.commute and len(p.inputs) >= 2:
+        orders.append([1, 0] + orders[0][2:])  # the first two inputs, swapped
     for order in orders:
         trial = m.copy()
         if all(_match_tensor(sub, node.inputs[i], trial) for sub, i in zip(p.inputs, order)):

@@ -140,24 +140,51 @@ def skip_model(skip_shape="float[2,3,4]"):
         }}""")
 
 
-def test_skip_layer_norm_ort_only():
-    out, result = fuse(skip_model(), target="ort")
+SKIP_ON = ["fuse.skip_layer_norm=true"]
+
+
+def test_skip_layer_norm_ort_only_and_opt_in():
+    out, result = fuse(skip_model(), target="ort", options=SKIP_ON)
     assert ops(out) == ["SkipLayerNormalization"] and result.passes[0].counts == {"skip_layer_norm": 1}
-    out, result = fuse(skip_model(), target="onnx")
+    out, result = fuse(skip_model(), target="onnx", options=SKIP_ON)
     assert ops(out) == ["Add", "LayerNormalization"] and result.passes[0].counts == {}
+    out, result = fuse(skip_model(), target="ort")  # off by default
+    assert ops(out) == ["Add", "LayerNormalization"] and result.passes[0].counts == {}
+
+
+def test_skip_layer_norm_takes_the_dense_bias():
+    model = from_text(f"""
+        {header(17)}
+        g (float[2,3,4] a, float[2,3,4] b) => (float[2,3,4] y)
+        <float[4] gamma = {{1.0, 2.0, 0.5, 1.5}}, float[4] beta = {{0.1, 0.2, 0.3, 0.4}},
+         float[4] bias = {{0.5, -0.5, 0.25, 0.0}}> {{
+            d = Add(a, bias)
+            s = Add(b, d)
+            y = LayerNormalization<axis = -1, epsilon = 1e-5>(s, gamma, beta)
+        }}""")
+    out, result = fuse(model, target="ort", options=SKIP_ON)
+    assert ops(out) == ["SkipLayerNormalization"] and len(out.graph.node[0].input) == 5
+    assert result.passes[0].counts == {"skip_layer_norm": 1, "skip_layer_norm_bias": 1}
+
+
+def test_disable_option():
+    out, result = fuse(gelu_model(17, bias=True), target="ort", options=["fuse.disable=bias_gelu"])
+    assert ops(out) == ["Add", "Gelu"] and result.passes[0].counts == {"gelu": 1}
+    with pytest.raises(onnxopt.UsageError, match="unknown rule"):
+        onnxopt.optimize(gelu_model(17), passes=["fuse"], verify="none", options=["fuse.disable=nope"])
 
 
 def test_skip_layer_norm_refuses_broadcast():
     model = skip_model("float[1,3,4]")
-    out, result = fuse(model, target="ort")
+    out, result = fuse(model, target="ort", options=SKIP_ON)
     assert ops(out) == ["Add", "LayerNormalization"]
 
 
 @pytest.mark.parametrize("model, target", [(gelu_model(17, bias=True), "ort"), (layer_norm_model(17), "onnx"),
                                            (skip_model(), "ort")])
 def test_idempotent(model, target):
-    once = onnxopt.optimize(model, passes=["fuse"], target=target, verify="none").model
-    twice = onnxopt.optimize(once, passes=["fuse"], target=target, verify="none")
+    once = onnxopt.optimize(model, passes=["fuse"], target=target, verify="none", options=SKIP_ON).model
+    twice = onnxopt.optimize(once, passes=["fuse"], target=target, verify="none", options=SKIP_ON)
     assert twice.passes[0].counts == {} and ops(twice.model) == ops(once)
 
 
