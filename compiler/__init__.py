@@ -114,7 +114,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     say("exporting")
     out_model = export_model(m)
     del m, proto, each  # the input's tensors are no longer needed: keep memory near one model
-    gc.collect()  # the graph's nodes and tensors reference each other: free them now
+    if size_before and size_before > 64 << 20:
+        gc.collect()  # the graph's nodes and tensors reference each other: free a big one now
 
     pending = None
     written: list[str] = []
@@ -129,8 +130,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
             size_after = sum(os.path.getsize(p) for p in written)
         else:
             io.check_model(out_model)
-            with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
-                check.final(verification.write_for_runtime(out_model, tmp), ordered)
+            if check.reference is not None:  # nothing to compare with: no file to write
+                with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
+                    check.final(verification.write_for_runtime(out_model, tmp), ordered)
             size_after = _proto_size(out_model)
     except VerificationError:
         if verify == "final" and len(ordered) > 1 and check.reference is not None:
