@@ -509,8 +509,12 @@ class _Graph:
     const_shapes: dict = field(default_factory=dict)
     count: int = 0
     uses_cond: bool = False  # an If reads the bool graph input `cond`
-    varying: set = field(default_factory=lambda: {"x", "cond"})  # tensors that depend on a graph input
     consumed: set = field(default_factory=set)  # tensors some node reads
+    # Outputs of a float -> float or float -> double -> float Cast: onnxruntime removes such casts
+    # even with its optimizations off (RemoveDuplicateCastTransformer) and then loses a subgraph's
+    # implicit input ("Missing Input"), so no If branch or Loop body reads these.
+    lossless_casts: set = field(default_factory=set)
+    value_info: list = field(default_factory=list)  # declared shapes of intermediate tensors
 
     def fresh(self, base: str) -> str:
         self.count += 1
@@ -521,8 +525,6 @@ class _Graph:
         outputs = outputs or [self.fresh(op.lower())]
         name = self.fresh("n") if self.draw(st.booleans()) else ""
         self.nodes.append(oh.make_node(op, inputs, outputs, name=name, **attrs))
-        if any(t in self.varying for t in [*inputs, *reads]):
-            self.varying.update(outputs)
         self.consumed.update([*inputs, *reads])
         return outputs
 
@@ -543,8 +545,10 @@ class _Graph:
     def floats(self, shape) -> np.ndarray:
         return self.rng.standard_normal(shape).astype(np.float32)
 
-    def operand(self) -> tuple[str, tuple]:
-        name = self.draw(st.sampled_from(sorted(self.pool)))
+    def operand(self, outer: bool = False) -> tuple[str, tuple]:
+        """A tensor to read; `outer`: one a subgraph reads from the outer scope."""
+        names = sorted(t for t in self.pool if not (outer and t in self.lossless_casts))
+        name = self.draw(st.sampled_from(names))
         return name, self.pool[name]
 
     def add(self, name: str, shape) -> str:
@@ -552,13 +556,11 @@ class _Graph:
         return name
 
 
-# Known bug (test_constant_read_by_two_branches_is_written_once and
-# test_equal_constants_in_two_bodies_merge_once below): a constant read by two sibling subgraphs (If
-# branches, Loop bodies) and not by their parent graph is written into each of them, so the file
-# grows and cleanup merges the copies again on every run. Until it is fixed, If branches read only
-# tensors that depend on a graph input (never one fold turns into a constant) and each Loop body
-# gets its own constant; set this to False to fuzz those cases too.
-AVOID_CONSTANTS_SHARED_BY_SUBGRAPHS = True
+# Known bug (test_noop_reshape_found_on_the_first_run below): cleanup proves a Reshape a no-op only
+# on a second run when its input's shape comes from a graph output it was renamed to in the first.
+# Until it is fixed, Loop outputs (whose shapes onnx inference leaves unknown) always get a declared
+# shape; set this to False to fuzz the undeclared case too.
+DECLARE_LOOP_OUTPUT_SHAPES = True
 
 UNARY = ["Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Identity"]
 BINARY = ["Add", "Mul", "Sub"]
@@ -746,11 +748,13 @@ def op_cast(g: _Graph) -> None:
     x, shape = g.operand()
     kind = g.draw(st.sampled_from(["noop", "double", "half", "int"]))
     if kind == "noop":
-        g.add(g.node("Cast", [x], to=TensorProto.FLOAT)[0], shape)
-        return
-    to = {"double": TensorProto.DOUBLE, "half": TensorProto.FLOAT16, "int": TensorProto.INT64}[kind]
-    mid = g.node("Cast", [x], to=to)[0]
-    g.add(g.node("Cast", [mid], to=TensorProto.FLOAT)[0], shape)
+        out = g.node("Cast", [x], to=TensorProto.FLOAT)[0]
+    else:
+        to = {"double": TensorProto.DOUBLE, "half": TensorProto.FLOAT16, "int": TensorProto.INT64}[kind]
+        out = g.node("Cast", [g.node("Cast", [x], to=to)[0]], to=TensorProto.FLOAT)[0]
+    g.add(out, shape)
+    if kind in ("noop", "double"):
+        g.lossless_casts.add(out)
 
 
 def op_duplicate(g: _Graph) -> None:
@@ -766,8 +770,8 @@ def op_duplicate(g: _Graph) -> None:
     del copy.output[:]
     for o in node.output:
         copy.output.append(g.add(g.fresh("dup"), g.pool[o]))
-        if o in g.varying:
-            g.varying.add(copy.output[-1])
+        if o in g.lossless_casts:
+            g.lossless_casts.add(copy.output[-1])
     g.consumed.update(copy.input)
     g.nodes.append(copy)
 
@@ -790,11 +794,7 @@ def _branch(g: _Graph, x: str, shape: tuple, label: str) -> onnx.GraphProto:
 
 
 def op_if(g: _Graph) -> None:
-    if AVOID_CONSTANTS_SHARED_BY_SUBGRAPHS:
-        x = g.draw(st.sampled_from(sorted(t for t in g.pool if t in g.varying)))
-        shape = g.pool[x]
-    else:
-        x, shape = g.operand()
+    x, shape = g.operand(outer=True)  # a constant too: then both branches read it (written once, in the parent)
     if g.draw(st.booleans()):
         cond = "cond"  # a graph input
         g.uses_cond = True
@@ -805,14 +805,14 @@ def op_if(g: _Graph) -> None:
 
 
 def op_loop(g: _Graph) -> None:
-    """Loop with a constant trip count and one loop-carried tensor: v = v * h + x (h about 0.5);
-    sometimes also a scan output."""
-    x, shape = g.operand()
+    """Loop with a constant trip count and one loop-carried tensor: v = v * 0.5 + x; sometimes also
+    a scan output."""
+    x, shape = g.operand(outer=True)
     p = g.fresh("body") + "_"
     i, c_in, v_in = p + "i", p + "cond_in", p + "v_in"
     sub = _Graph(g.draw, g.rng, g.opset, prefix=p)
     c_out = sub.node("Identity", [c_in])[0]
-    half = sub.const(np.float32(g.rng.uniform(0.25, 0.75) if AVOID_CONSTANTS_SHARED_BY_SUBGRAPHS else 0.5))
+    half = sub.const(np.float32(0.5))  # equal in every Loop body: cleanup merges them across bodies
     v_out = sub.node("Add", [sub.node("Mul", [v_in, half])[0], x])[0]
     outputs = [oh.make_tensor_value_info(c_out, TensorProto.BOOL, []),
                oh.make_tensor_value_info(v_out, TensorProto.FLOAT, list(shape))]
@@ -831,6 +831,8 @@ def op_loop(g: _Graph) -> None:
     g.add(outs[0], shape)
     if scan:
         g.add(outs[1], (trips,) + shape)
+    if DECLARE_LOOP_OUTPUT_SHAPES or g.draw(st.booleans()):
+        g.value_info += [oh.make_tensor_value_info(o, TensorProto.FLOAT, list(g.pool[o])) for o in outs]
 
 
 def op_gelu(g: _Graph) -> None:
@@ -912,27 +914,19 @@ def valid_models(draw, max_ops: int = 10) -> Case:
         feeds["cond"] = np.array(draw(st.booleans()))
     graph = oh.make_graph(g.nodes, "fuzz", inputs,
                           [oh.make_tensor_value_info(o, TensorProto.FLOAT, list(g.pool[o])) for o in outputs],
-                          g.initializers)
+                          g.initializers, value_info=[v for v in g.value_info if v.name not in outputs])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=10 if opset >= 21 else 8)
     onnx.checker.check_model(model, full_check=True)
     return Case(model, feeds)
 
 
-def _without_opsets(model: onnx.ModelProto) -> bytes:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    del copy.opset_import[:]
-    return copy.SerializeToString()
-
-
 def check_lossless(case: Case, passes: list[str], target: str = "onnx") -> None:
     """Optimize with `passes` and assert every property of a lossless pass set (see the module doc)."""
     model, feeds = case.model, case.feeds
-    original = _without_opsets(model)
+    original = model.SerializeToString()
     result = onnxopt.optimize(model, passes=passes, verify="none", target=target)
     out = result.model
-    # opset_import left out: see test_optimize_leaves_the_input_opsets_alone (a known bug)
-    assert _without_opsets(model) == original, "optimize changed its input ModelProto"
+    assert model.SerializeToString() == original, "optimize changed its input ModelProto"
     onnx.checker.check_model(out, full_check=True)
     assert io_names(out) == io_names(model)
     assert_same_outputs(model, out, feeds)
@@ -947,7 +941,7 @@ FUZZ_SETTINGS = {"derandomize": True, "database": None, "deadline": None,
 
 
 @pytest.mark.parametrize("passes,target", PASS_CASES, ids=CASE_IDS)
-@settings(max_examples=25, **FUZZ_SETTINGS)
+@settings(max_examples=50, **FUZZ_SETTINGS)
 @given(case=valid_models())
 def test_random_valid_graph(case, passes, target):
     check_lossless(case, passes, target)
@@ -955,7 +949,7 @@ def test_random_valid_graph(case, passes, target):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("passes,target", PASS_CASES, ids=CASE_IDS)
-@settings(max_examples=250, **FUZZ_SETTINGS)
+@settings(max_examples=1000, **FUZZ_SETTINGS)
 @given(case=valid_models(max_ops=14))
 def test_random_valid_graph_long(case, passes, target):
     check_lossless(case, passes, target)
@@ -1050,3 +1044,23 @@ def test_optimize_leaves_the_input_opsets_alone():
     assert result.passes[0].counts == {"gelu": 1}
     assert [(o.domain, o.version) for o in result.model.opset_import] == [("", 17), ("com.microsoft", 1)]
     assert model.SerializeToString() == before
+
+
+@pytest.mark.xfail(strict=True, reason="passes/cleanup.py: a Reshape whose input shape is unknown until an Identity "
+                                       "or Transpose bypass renames that input to a graph output (with its declared "
+                                       "shape) is found a no-op only by a second run: not idempotent")
+def test_noop_reshape_found_on_the_first_run():
+    model = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 13]>' + """
+    g (float[2] x) => (float[2] t, float[2] y) <int64 n = {1}, int64[1] s = {2}, float h = {0.5}> {
+      v = Loop(n, "", x) <body = b (int64 i, bool c, float[2] vi) => (bool co, float[2] vo) {
+        co = Identity(c)
+        vo = Mul(vi, h)
+      }>
+      r = Reshape(v, s)
+      t = Identity(v)
+      y = Relu(r)
+    }""")
+    first = onnxopt.optimize(model, passes=["cleanup"], verify="none")
+    again = onnxopt.optimize(first.model, passes=["cleanup"], verify="none")
+    assert again.passes[0].counts == {}
+    assert first.passes[0].counts == {"identity_removed": 1, "noop_reshape_removed": 1}
