@@ -164,6 +164,13 @@ def _value_info_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def proto_graphs(graph: onnx.GraphProto):
+    """The graph proto and every subgraph nested in its nodes' attributes, at any depth."""
+    yield graph
+    for sub in _proto_subgraphs(graph):
+        yield from proto_graphs(sub)
+
+
 def _proto_subgraphs(graph: onnx.GraphProto):
     for node in graph.node:
         for attr in node.attribute:

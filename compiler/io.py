@@ -97,14 +97,14 @@ def check_types(model: onnx.ModelProto, path: str | None = None) -> None:
     attribute make a model onnxruntime refuses and the passes cannot reason about. A model that
     strict inference refuses but onnxruntime loads is accepted. Works on a copy without the large
     tensor data."""
-    from .graph import _without_large_data
+    from .graph import _without_large_data, proto_graphs
 
     where = f"{path}: " if path else ""
     if not model.graph.output:
         raise ModelError(f"model has no graph outputs: {where}nothing to compute")
     skeleton = _without_large_data(model)
     graph = skeleton.graph
-    for g in _graphs(graph):
+    for g in proto_graphs(graph):
         for vi in list(g.output) + list(g.value_info):
             if vi.type.HasField("tensor_type"):
                 vi.type.tensor_type.ClearField("shape")
@@ -156,15 +156,6 @@ def _check_strings(model: onnx.ModelProto, path: str) -> None:
                     raise ModelError(f"not a readable ONNX model: {path}: {fd.full_name} is not UTF-8 text")
             elif fd.type == fd.TYPE_MESSAGE:
                 stack.extend(value if _is_repeated(fd) else [value])
-
-
-def _graphs(graph: onnx.GraphProto):
-    """The graph and the subgraphs in its nodes' attributes, at any depth."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from _graphs(sub)
 
 
 def _all_tensors(model: onnx.ModelProto):

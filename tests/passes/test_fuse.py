@@ -89,7 +89,7 @@ def test_gelu_with_wrong_constant_is_not_fused():
 
 def layer_norm_model(opset=17, square="Pow(d, two)", axes="-1", gamma="float[4] gamma = {1.0, 2.0, 0.5, 1.5}"):
     if opset >= 18:
-        mean = f"m = ReduceMean(x, ax)\n v = ReduceMean(sq, ax)"
+        mean = "m = ReduceMean(x, ax)\n v = ReduceMean(sq, ax)"
     else:
         mean = f"m = ReduceMean<axes = [{axes}]>(x)\n v = ReduceMean<axes = [{axes}]>(sq)"
     return from_text(f"""
