@@ -63,10 +63,13 @@ class Result:
 def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None = None,
              passes=("fold", "cleanup"), *, verify: str = "final", inputs: dict | str | None = None,
              input_shapes: dict | list | None = None, options: dict | list | None = None, target: str = "onnx",
-             external_data: bool | None = None, calibration_data=None, explain: bool = False,
+             max_opset: int | None = None, external_data: bool | None = None, calibration_data=None,
+             explain: bool = False,
              progress: Callable[[str], None] | None = None) -> Result:
     """Run the selected passes on a model file or ModelProto, verify, and write `output` atomically.
 
+    max_opset: the opset a pass may raise the model to when a fused operator needs it (None:
+    the model's opset is kept).
     explain: passes record why near-misses were not rewritten (Result.explain).
     options: {"fold": {"size_limit": 1024}} or ["fold.size_limit=1024"]. inputs: feeds for
     verification (dict or .npz path). input_shapes: {"x": [1, 3, 224, 224]} or ["x=1x3x224x224"].
@@ -82,6 +85,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     if verify not in VERIFY_MODES:
         raise UsageError(f"bad --verify {verify!r}: expected one of {', '.join(VERIFY_MODES)}")
     shapes = _input_shapes(input_shapes)
+    if max_opset is not None and not 1 <= max_opset <= onnx.defs.onnx_opset_version():
+        raise UsageError(f"bad --max-opset {max_opset}: this onnx knows opsets 1 to {onnx.defs.onnx_opset_version()}")
     given = verification.load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
 
     in_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
@@ -104,7 +109,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     m = import_model(proto)
     before = {"nodes": count_nodes(m.graph), "params": count_params(m.graph), "size": size_before}
     notes: list[str] = []
-    ctx = Context(target=target, calibration_data=calibration_data, inputs=given, explain=explain, log=notes.append)
+    ctx = Context(target=target, max_opset=max_opset, calibration_data=calibration_data, inputs=given, explain=explain, log=notes.append)
 
     check = _Checker(verify, m, shapes, given, in_path, proto, say)
     each = functools.partial(check.after_pass, m=m) if verify == "each" else None

@@ -56,6 +56,9 @@ class Progress:
               help="Shape of a graph input with dynamic dimensions, for generated inputs; repeatable.")
 @click.option("--target", default="onnx", show_default=True,
               help="onnx: standard operators only; ort: also onnxruntime's com.microsoft operators.")
+@click.option("--max-opset", type=int, metavar="N",
+              help="Let fuse raise the model's opset up to N where a fused standard operator needs it "
+                   "(LayerNormalization 17, Gelu 20, Attention and RMSNormalization 23). Default: keep the opset.")
 @click.option("--external-data", is_flag=True,
               help="Write tensors to OUTPUT.data beside the model (always done above 2 GB).")
 @click.option("--report", "report_path", metavar="FILE.json", help="Write per-pass counts and times, metrics, sizes.")
@@ -64,8 +67,8 @@ class Progress:
 @click.option("-v", "--verbose", is_flag=True, help="Per-output metrics, and tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.version_option(package_name="onnxopt")
-def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_shapes, target, external_data,
-        report_path, explain, list_passes, verbose, quiet):
+def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_shapes, target, max_opset,
+        external_data, report_path, explain, list_passes, verbose, quiet):
     """Optimize the ONNX model INPUT and write it to OUTPUT, verified against onnxruntime.
 
     Example: onnxopt model.onnx -o model.opt.onnx --passes fold,cleanup
@@ -84,7 +87,7 @@ def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_s
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
     try:
         result = optimize(input_path, output_path, passes=passes, verify=verify_mode, inputs=inputs_path,
-                          input_shapes=list(input_shapes), options=list(opts), target=target,
+                          input_shapes=list(input_shapes), options=list(opts), target=target, max_opset=max_opset,
                           external_data=True if external_data else None, explain=explain or verbose,
                           progress=progress)
     except KeyboardInterrupt:

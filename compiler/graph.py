@@ -495,3 +495,17 @@ def const_value(t: gs.Tensor) -> np.ndarray | None:
 def opset(graph: gs.Graph) -> int:
     """The default-domain opset the graph (or the subgraph's model) imports."""
     return int(graph.opset or 0)
+
+
+def raise_opset(m: Model, version: int) -> None:
+    """Convert the model to default-domain opset `version` in place (onnx's version converter
+    rewrites the operators whose definition changed). Raises ValueError when it cannot."""
+    proto = export_model(m)
+    try:
+        converted = onnx.version_converter.convert_version(proto, version)
+    except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+        raise ValueError(f"onnx's version converter failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    converted.ir_version = max(converted.ir_version,
+                               onnx.helper.find_min_ir_version_for(list(converted.opset_import), True))
+    new = import_model(converted)
+    m.graph, m.meta = new.graph, new.meta

@@ -45,6 +45,7 @@ class Context:
     """What passes may need beyond the graph: never globals."""
 
     target: str = "onnx"
+    max_opset: int | None = None  # a pass may raise the default-domain opset up to this (None: never)
     calibration_data: list[dict] | None = None
     inputs: dict | None = None
     device: dict = field(default_factory=dict)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import UsageError
-from onnxopt.graph import Names, all_graphs, output_tensors
+from onnxopt.graph import Names, all_graphs, output_tensors, raise_opset
 from onnxopt.pattern import internal_uses_refusal, match_node
 from onnxopt.pipeline import Pass
 
@@ -37,6 +37,18 @@ class Env:
     target: str
     opset: int  # default-domain opset of the model
     names: Names
+    max_opset: int = 0  # the opset the model may be raised to (--max-opset); 0: never raised
+    wanted: int = 0  # the highest opset a refused match asked for within max_opset
+
+    def needs(self, version: int, what: str) -> str | None:
+        """None when the model's opset has `what` (an operator new in opset `version`), else the
+        refusal; a refusal that --max-opset allows is remembered so the pass can raise the opset
+        and match again."""
+        if self.opset >= version:
+            return None
+        if version <= self.max_opset:
+            self.wanted = max(self.wanted, version)
+        return f"{what} needs opset {version}, the model has {self.opset} (--max-opset {version} allows it)"
 
 
 class FusePass(Pass):
@@ -53,9 +65,6 @@ class FusePass(Pass):
         disable: str = ""  # comma-separated rule names not to apply
 
     def run(self, model, ctx):
-        graph = model.graph
-        counts = Counter()
-        names = Names(graph)
         off = {n.strip() for n in self.options.disable.split(",") if n.strip()}
         unknown = off - {r.name for r in RULES}
         if unknown:
@@ -64,19 +73,41 @@ class FusePass(Pass):
         if not self.options.skip_layer_norm:
             off |= {"skip_layer_norm", "skip_layer_norm_bias"}
         rules = [r for r in RULES if ctx.target in r.targets and r.name not in off]
+        counts = Counter()
         misses: dict[tuple, str] = {}
-        for _ in range(_MAX_SWEEPS):
-            changed = 0
-            for g in all_graphs(graph):
-                env = Env(g, ctx.target, int(graph.opset or 0), names)
-                changed += apply_rules(rules, env, counts, misses)
-            if not changed:
-                break
-            graph.cleanup(remove_unused_graph_inputs=False).toposort(mode="nodes")
+        wanted = self._sweep(model.graph, rules, ctx, counts, misses)
+        if wanted:  # a fused op needs a newer opset, and --max-opset allows it: raise it, match again
+            before = int(model.graph.opset or 0)
+            try:
+                raise_opset(model, wanted)
+            except ValueError as e:
+                ctx.log(f"fuse: opset not raised to {wanted}: {e}")
+            else:
+                counts[f"opset_raised_{before}_to_{wanted}"] = 1
+                misses.clear()
+                self._sweep(model.graph, rules, ctx, counts, misses)
         if ctx.explain:
             for (rule, where), reason in misses.items():
                 ctx.log(f"fuse: {rule} at {where}: not fused: {reason}")
         return counts
+
+    @staticmethod
+    def _sweep(graph, rules, ctx, counts, misses) -> int:
+        """Apply the rules in sweeps until nothing changes; return the opset a refused match
+        asked for within --max-opset (0 if none)."""
+        names = Names(graph)
+        opset = int(graph.opset or 0)
+        wanted = 0
+        for _ in range(_MAX_SWEEPS):
+            changed = 0
+            for g in all_graphs(graph):
+                env = Env(g, ctx.target, opset, names, max_opset=ctx.max_opset or 0)
+                changed += apply_rules(rules, env, counts, misses)
+                wanted = max(wanted, env.wanted)
+            if not changed:
+                break
+            graph.cleanup(remove_unused_graph_inputs=False).toposort(mode="nodes")
+        return wanted
 
 
 def apply_rules(rules, env: Env, counts: Counter, misses: dict) -> int:

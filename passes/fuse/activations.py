@@ -28,9 +28,7 @@ def _gelu_patterns():
 
 
 def _gelu_check(m, env):
-    if env.target == "onnx" and env.opset < 20:
-        return f"Gelu needs opset 20, the model has {env.opset}"
-    return None
+    return env.needs(20, "Gelu") if env.target == "onnx" else None
 
 
 def _gelu(m, env, outputs):

@@ -49,9 +49,8 @@ def _layer_norm_check(m, env):
             return f"{name} is not a vector over the last axis of the input's type"
     if m["eps"].shape is None or int(np.prod(m["eps"].shape)) != 1:
         return "epsilon is not a scalar"
-    if env.opset < 17:  # onnxruntime runs it earlier too, but the model would fail onnx.checker
-        return f"LayerNormalization needs opset 17, the model has {env.opset}"
-    return None
+    # onnxruntime runs it at earlier opsets too, but the model would fail onnx.checker
+    return env.needs(17, "LayerNormalization")
 
 
 def _layer_norm(m, env, outputs):

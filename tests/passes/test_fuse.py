@@ -117,6 +117,22 @@ def test_layer_norm(opset, square):
     assert attrs["axis"] == -1 and attrs["epsilon"] == pytest.approx(1e-5)
 
 
+@pytest.mark.parametrize("max_opset, fused", [(None, False), (19, False), (20, True), (23, True)])
+def test_max_opset_raises_the_opset_only_as_far_as_a_fusion_needs(max_opset, fused):
+    out, result = fuse(gelu_model(17), max_opset=max_opset)
+    opset = next(o.version for o in out.opset_import if o.domain == "")
+    if fused:
+        assert ops(out) == ["Identity", "Gelu"] and opset == 20
+        assert result.passes[0].counts == {"gelu": 1, "opset_raised_17_to_20": 1}
+    else:
+        assert ops(out) == ops(gelu_model(17)) and opset == 17 and result.passes[0].counts == {}
+
+
+def test_max_opset_out_of_range_is_a_usage_error():
+    with pytest.raises(onnxopt.UsageError, match="max-opset"):
+        onnxopt.optimize(gelu_model(17), passes=["fuse"], verify="none", max_opset=99)
+
+
 def test_layer_norm_not_over_last_axis():
     model = layer_norm_model(17, axes="1", gamma="float[4] gamma = {1.0, 2.0, 0.5, 1.5}")
     out, result = fuse(model)
@@ -211,7 +227,8 @@ def test_fuse_inside_if_branch():
 def test_explain_names_the_rule_the_node_and_the_reason():
     result = onnxopt.optimize(gelu_model(17), passes=["fuse"], verify="none", explain=True)
     # the node has no name in the ONNX text: its op type stands for it
-    assert result.explain == ["fuse: gelu at Mul: not fused: Gelu needs opset 20, the model has 17"]
+    assert result.explain == ["fuse: gelu at Mul: not fused: Gelu needs opset 20, the model has 17 "
+                              "(--max-opset 20 allows it)"]
     assert onnxopt.optimize(gelu_model(17), passes=["fuse"], verify="none").explain == []
 
 
