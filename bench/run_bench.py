@@ -59,11 +59,12 @@ MODELS = {
     "ppocr_rec": ("ppocr", "ch_PP-OCRv4_rec_infer.onnx", (1, 3, 48, 320)),
     "ppocr_cls": ("ppocr", "ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192)),
 }
-TOOLS = ["onnxopt", "onnxopt-fuse-onnx", "onnxopt-fuse-ort", "ort-extended", "ort-transformers", "onnxsim",
+TOOLS = ["onnxopt", "onnxopt-fuse-onnx", "onnxopt-fuse-onnx23", "onnxopt-fuse-ort", "ort-extended", "ort-transformers", "onnxsim",
          "onnxslim"]
-# onnxopt's rows: the passes and target each one runs
-ONNXOPT_RUNS = {"onnxopt": ("fold,cleanup", "onnx"), "onnxopt-fuse-onnx": ("fold,cleanup,fuse", "onnx"),
-                "onnxopt-fuse-ort": ("fold,cleanup,fuse", "ort")}
+# onnxopt's rows: the passes and target each one runs (onnx23: the opset may be raised to 23)
+ONNXOPT_RUNS = {"onnxopt": ("fold,cleanup", "onnx", []), "onnxopt-fuse-onnx": ("fold,cleanup,fuse", "onnx", []),
+                "onnxopt-fuse-onnx23": ("fold,cleanup,fuse", "onnx", ["--max-opset", "23"]),
+                "onnxopt-fuse-ort": ("fold,cleanup,fuse", "ort", [])}
 # onnxruntime's transformer optimizer (model type bert), for the transformer models only. opt_level=0:
 # its fusions are its own Python rewrites; level 1+ also needs torch, which is not installed here.
 ORT_TRANSFORMERS = """import sys, onnxruntime.transformers.optimizer as o
@@ -158,8 +159,8 @@ def tool_command(tool, src, out, args, inputs):
         base = shlex.split(args.onnxopt_cmd)
         if not base or shutil.which(base[0]) is None:
             return None, f"command {args.onnxopt_cmd!r} not found (pip install -e . first?)"
-        passes, target = ONNXOPT_RUNS[tool]
-        return base + [str(src), "-o", str(out), "--passes", passes, "--target", target, "--inputs", str(inputs)], None
+        passes, target, extra = ONNXOPT_RUNS[tool]
+        return base + [str(src), "-o", str(out), "--passes", passes, "--target", target, "--inputs", str(inputs)] + extra, None
     if tool == "ort-transformers":
         if "minilm" not in src.name.lower():
             return None, "not a transformer model"

@@ -499,13 +499,32 @@ def opset(graph: gs.Graph) -> int:
 
 def raise_opset(m: Model, version: int) -> None:
     """Convert the model to default-domain opset `version` in place (onnx's version converter
-    rewrites the operators whose definition changed). Raises ValueError when it cannot."""
+    rewrites the operators whose definition changed). Raises ValueError when it cannot.
+
+    The converter runs on a copy without the large weights (it never needs their values), which
+    are put back afterwards: memory stays near twice the model."""
     proto = export_model(m)
+    large = {t.name: t for t in proto.graph.initializer if _tensor_nbytes(t) > 4096
+             and t.data_location != onnx.TensorProto.EXTERNAL}
+    skeleton = _without_large_data(proto)
     try:
-        converted = onnx.version_converter.convert_version(proto, version)
+        converted = onnx.version_converter.convert_version(skeleton, version)
     except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors
         raise ValueError(f"onnx's version converter failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    del skeleton
+    for t in converted.graph.initializer:
+        if t.name in large and t.data_location == onnx.TensorProto.EXTERNAL:
+            t.CopyFrom(large.pop(t.name))
+    del proto, large
     converted.ir_version = max(converted.ir_version,
                                onnx.helper.find_min_ir_version_for(list(converted.opset_import), True))
     new = import_model(converted)
+    # onnx inference may know less than the passes proved (fold's symbolic dimensions): keep that
+    known = {name: t for g in all_graphs(m.graph) for name, t in g.tensors().items() if t.shape is not None}
+    for g in all_graphs(new.graph):
+        for name, t in g.tensors().items():
+            old = known.get(name)
+            if old is not None and not isinstance(t, gs.Constant) and (
+                    t.shape is None or len(t.shape) == len(old.shape) and not all(isinstance(d, int) for d in t.shape)):
+                t.shape = old.shape
     m.graph, m.meta = new.graph, new.meta

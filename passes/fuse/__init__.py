@@ -10,7 +10,7 @@ reports, per rule, the near-misses and why they were refused.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
@@ -39,6 +39,7 @@ class Env:
     names: Names
     max_opset: int = 0  # the opset the model may be raised to (--max-opset); 0: never raised
     wanted: int = 0  # the highest opset a refused match asked for within max_opset
+    cache: dict = field(default_factory=dict)  # helper tensors rewrites share within one graph and sweep
 
     def needs(self, version: int, what: str) -> str | None:
         """None when the model's opset has `what` (an operator new in opset `version`), else the

@@ -1,15 +1,25 @@
-"""Self-attention into one fused op.
+"""Multi-head attention into one fused op.
 
-The pattern is BERT-style multi-head self-attention as torch's legacy and dynamo exporters write
-it once `fold` has resolved the head reshapes to constants:
+The pattern is BERT-style multi-head attention as torch's legacy and dynamo exporters write it
+once `fold` has resolved the head reshapes to constants:
 
-    q, k, v = (X @ W + b).reshape(0, 0, N, D)  transposed to [B, N, S, D] (k to [B, N, D, S])
+    q, k, v = (Xq @ Wq [+ bq]), (Xk @ Wk [+ bk]), (Xv @ Wv [+ bv])   each .reshape(0, 0, N, D)
+              transposed to [B, N, S, D] (k to [B, N, D, S])
     probs = Softmax(q @ k * scale (or / c) [+ mask])      over the last axis
     out = (probs @ v).transpose(0, 2, 1, 3).reshape(0, 0, -1)
 
-- attention (`ort`): com.microsoft Attention(X, [Wq|Wk|Wv], [bq|bk|bv], attention_bias=mask) with
-  num_heads and scale: the additive mask is passed through unchanged, so the mask semantics are
-  exactly the model's own (whatever value it uses for masked positions).
+- attention (`ort`): self-attention (Xq = Xk = Xv) into com.microsoft Attention(X, [Wq|Wk|Wv],
+  [bq|bk|bv], attention_bias=mask) with num_heads and scale.
+- multi_head_attention (`ort`): the other cases (cross-attention: queries and keys from different
+  tensors) into com.microsoft MultiHeadAttention(Xq @ Wq, Xk @ Wk, Xv @ Wv, [bq|bk|bv],
+  attention_bias=mask); the projections stay MatMuls.
+- attention_onnx (`onnx`): standard Attention (opset 23) over the projected [B, S, hidden]
+  tensors with q_num_heads = kv_num_heads = N.
+
+The additive mask is passed through unchanged, so the mask semantics are exactly the model's own
+(whatever value it uses for masked positions). A key-padding mask of shape [B, 1, 1, L] is
+expanded over the query positions first (one Expand shared by every layer that reads the same
+mask): onnxruntime's kernels do not broadcast the mask over that axis.
 """
 
 from __future__ import annotations
@@ -21,38 +31,49 @@ from onnxopt.graph import values
 from onnxopt.pattern import C, Op, Rule, Var
 
 MS = "com.microsoft"
-X = Var("x")
 
 
-def _projection(tag: str) -> Op:
-    return Op("Transpose", Op("Reshape", Op("Add", Op("MatMul", X, C("w" + tag)), C("b" + tag)), C("shape" + tag)),
-              name="t" + tag)
+def _projection(tag: str, bias: bool) -> Op:
+    proj = Op("MatMul", Var("x" + tag), C("w" + tag), name="mm" + tag)
+    if bias:
+        proj = Op("Add", proj, C("b" + tag), name="add" + tag)
+    return Op("Transpose", Op("Reshape", proj, C("shape" + tag)), name="t" + tag)
 
 
 def _patterns():
-    scores = Op("MatMul", _projection("q"), _projection("k"))
-    for scale_op in ("Mul", "Div"):
-        scaled = Op(scale_op, scores, C("scale"), name="scaling", commute=scale_op == "Mul")
-        for masked in (Op("Add", scaled, Var("mask")), scaled):
-            probs = Op("Softmax", masked, name="softmax")
-            context = Op("MatMul", probs, _projection("v"))
-            yield Op("Reshape", Op("Transpose", context, name="tout"), C("shape_out"))
+    for bias in (True, False):
+        scores = Op("MatMul", _projection("q", bias), _projection("k", bias))
+        for scale_op in ("Mul", "Div"):
+            scaled = Op(scale_op, scores, C("scale"), name="scaling", commute=scale_op == "Mul")
+            for masked in (Op("Add", scaled, Var("mask")), scaled):
+                probs = Op("Softmax", masked, name="softmax")
+                context = Op("MatMul", probs, _projection("v", bias))
+                yield Op("Reshape", Op("Transpose", context, name="tout"), C("shape_out"))
 
 
 def _perm(node: gs.Node) -> list:
     return list(node.attrs.get("perm") or [])
 
 
-def _check(m, env):
-    x = m["x"]
-    if x.shape is None or len(x.shape) != 3 or not isinstance(x.shape[2], int):
-        return "input is not [batch, sequence, hidden] with a known hidden size"
-    hidden = x.shape[2]
+def _self_attention(m) -> bool:
+    return m["xq"] is m["xk"] is m["xv"]
+
+
+def _common_check(m, env):
+    """Why the matched attention cannot be fused at all (None: it can)."""
+    xs = [m["x" + t] for t in "qkv"]
+    if any(x.shape is None or len(x.shape) != 3 or not isinstance(x.shape[2], int) for x in xs):
+        return "inputs are not [batch, sequence, hidden] with a known hidden size"
     weights = [m.value("w" + t) for t in "qkv"]
-    biases = [m.value("b" + t) for t in "qkv"]
-    if any(w.shape != (hidden, hidden) for w in weights) or any(b.shape != (hidden,) for b in biases):
-        return "Q/K/V projections are not [hidden, hidden] with [hidden] biases"
-    if len({w.dtype for w in weights + biases} | {np.dtype(x.dtype)}) != 1:
+    if any(w.ndim != 2 or w.shape[0] != x.shape[2] for w, x in zip(weights, xs)):
+        return "Q/K/V projection weights do not match their inputs"
+    hidden = weights[0].shape[1]
+    if any(w.shape[1] != hidden for w in weights):
+        return "Q, K and V projections differ in width"
+    biases = [m.value("b" + t) for t in "qkv"] if "bq" in m.tensors else []
+    if any(b.shape != (hidden,) for b in biases):
+        return "Q/K/V biases are not [hidden] vectors"
+    if len({w.dtype for w in weights + biases} | {np.dtype(x.dtype) for x in xs}) != 1:
         return "mixed element types"
     shapes = [m.value("shape" + t).tolist() for t in "qkv"]
     if len({tuple(s) for s in shapes}) != 1 or len(shapes[0]) != 4 or shapes[0][:2] != [0, 0]:
@@ -67,36 +88,102 @@ def _check(m, env):
         return "context is not merged back to [batch, sequence, hidden]"
     if m["softmax"].attrs.get("axis", -1 if env.opset >= 13 else 1) not in (-1, 3):
         return "softmax is not over the last axis"
-    scale = m.value("scale")
-    if scale.size != 1:
+    if m.value("scale").size != 1:
         return "scale is not a scalar"
     if "mask" in m.tensors:
-        mask = m["mask"]
-        heads = hidden // head_size
-        if (mask.shape is None or len(mask.shape) != 4 or mask.shape[1] not in (1, heads) or mask.dtype != x.dtype
-                or 1 in mask.shape[2:]):  # onnxruntime's attention_bias does not broadcast over positions
-            return "mask is not a 4-D [batch or 1, heads or 1, sequence, sequence] tensor of the input's type"
-    if env.target != "ort":
-        return "fused attention for --target onnx needs opset 23 (not implemented yet)"
+        mask, heads = m["mask"], hidden // head_size
+        if (mask.shape is None or len(mask.shape) != 4 or mask.shape[1] not in (1, heads)
+                or mask.dtype != xs[0].dtype):
+            return "mask is not a 4-D [batch or 1, heads or 1, query or 1, key] tensor of the input's type"
+        if mask.shape[3] == 1 and not (isinstance(m["xk"].shape[1], int) and m["xk"].shape[1] == 1):
+            return "mask broadcasts over the key positions"
     return None
 
 
-def _attention(m, env, outputs):
-    x = m["x"]
-    hidden = x.shape[2]
-    head_size = int(m.value("shapeq")[3])
+def _check_ort_attention(m, env):
+    return _common_check(m, env) or (None if _self_attention(m) else "queries and keys come from different tensors")
+
+
+def _check_ort_mha(m, env):
+    return _common_check(m, env) or ("self-attention: fused as Attention" if _self_attention(m) else None)
+
+
+def _check_onnx(m, env):
+    return _common_check(m, env) or env.needs(23, "Attention")
+
+
+def _scale(m) -> float:
     scale = float(m.value("scale").reshape(-1)[0])
-    if m["scaling"].op == "Div":
-        scale = 1.0 / scale
-    weight = np.concatenate([values(m["w" + t]) for t in "qkv"], axis=1)
-    bias = np.concatenate([values(m["b" + t]) for t in "qkv"])
+    return 1.0 / scale if m["scaling"].op == "Div" else scale
+
+
+def _heads(m) -> int:
+    return int(m.value("wq").shape[1] // m.value("shapeq")[3])
+
+
+def _full_mask(m, env) -> gs.Tensor:
+    """The mask with the query axis spelled out: [B, 1, 1, L] is expanded to [B, 1, S, L] with S
+    read from the queries' input at run time (one Expand per mask tensor and query input)."""
+    mask = m["mask"]
+    if mask.shape[2] != 1 or m["xq"].shape[1] == 1:
+        return mask
+    key = ("expanded_mask", mask.name, m["xq"].name)
+    if key not in env.cache:
+        new = env.names.new
+        shape = gs.Variable(new(mask.name + "_query_shape"), dtype=np.int64, shape=[3])
+        seq = gs.Variable(new(mask.name + "_query_len"), dtype=np.int64, shape=[1])
+        target = gs.Variable(new(mask.name + "_expand_shape"), dtype=np.int64, shape=[4])
+        out = gs.Variable(new(mask.name + "_expanded"), dtype=mask.dtype,
+                          shape=[mask.shape[0], mask.shape[1], m["xq"].shape[1], mask.shape[3]])
+        env.graph.nodes += [
+            gs.Node("Shape", new("Shape"), inputs=[m["xq"]], outputs=[shape]),
+            gs.Node("Gather", new("Gather"), inputs=[shape, gs.Constant(new("one"), np.array([1], np.int64))],
+                    outputs=[seq], attrs={"axis": 0}),
+            gs.Node("Concat", new("Concat"), attrs={"axis": 0}, outputs=[target], inputs=[
+                gs.Constant(new("ones"), np.array([1, 1], np.int64)), seq, gs.Constant(new("one"), np.array([1], np.int64))]),
+            gs.Node("Expand", new("Expand"), inputs=[mask, target], outputs=[out]),
+        ]
+        env.cache[key] = out
+    return env.cache[key]
+
+
+def _packed_bias(m, env, name):
+    if "bq" not in m.tensors:
+        return None
+    return gs.Constant(env.names.new(name + "_qkv_bias"), np.concatenate([values(m["b" + t]) for t in "qkv"]))
+
+
+def _attention(m, env, outputs):
+    x = m["xq"]
     name = env.names.new("Attention")
-    inputs = [x, gs.Constant(env.names.new(name + "_qkv_weight"), weight),
-              gs.Constant(env.names.new(name + "_qkv_bias"), bias)]
+    weight = np.concatenate([values(m["w" + t]) for t in "qkv"], axis=1)
+    bias = _packed_bias(m, env, name) or gs.Constant(env.names.new(name + "_qkv_bias"),
+                                                      np.zeros(weight.shape[1], weight.dtype))
+    inputs = [x, gs.Constant(env.names.new(name + "_qkv_weight"), weight), bias]
     if "mask" in m.tensors:
-        inputs += [gs.Variable.empty(), gs.Variable.empty(), m["mask"]]
+        inputs += [gs.Variable.empty(), gs.Variable.empty(), _full_mask(m, env)]
     return [gs.Node("Attention", name, domain=MS, inputs=inputs, outputs=outputs,
-                    attrs={"num_heads": hidden // head_size, "scale": scale})]
+                    attrs={"num_heads": _heads(m), "scale": _scale(m)})]
 
 
-RULES = [Rule("attention", p, _attention, _check) for p in _patterns()]
+def _multi_head_attention(m, env, outputs):
+    name = env.names.new("MultiHeadAttention")
+    bias = _packed_bias(m, env, name)
+    inputs = [m["mm" + t].outputs[0] for t in "qkv"] + [bias if bias is not None else gs.Variable.empty()]
+    if "mask" in m.tensors:
+        inputs += [gs.Variable.empty(), _full_mask(m, env)]
+    return [gs.Node("MultiHeadAttention", name, domain=MS, inputs=inputs, outputs=outputs,
+                    attrs={"num_heads": _heads(m), "scale": _scale(m)})]
+
+
+def _attention_onnx(m, env, outputs):
+    proj = [m[("add" if "bq" in m.tensors else "mm") + t].outputs[0] for t in "qkv"]
+    inputs = proj + ([_full_mask(m, env)] if "mask" in m.tensors else [])
+    heads = _heads(m)
+    return [gs.Node("Attention", env.names.new("Attention"), inputs=inputs, outputs=outputs,
+                    attrs={"q_num_heads": heads, "kv_num_heads": heads, "scale": _scale(m)})]
+
+
+RULES = [Rule("attention", p, _attention, _check_ort_attention, targets=("ort",)) for p in _patterns()] + [
+    Rule("multi_head_attention", p, _multi_head_attention, _check_ort_mha, targets=("ort",)) for p in _patterns()] + [
+    Rule("attention_onnx", p, _attention_onnx, _check_onnx, targets=("onnx",)) for p in _patterns()]

@@ -1,4 +1,5 @@
-"""fuse: BERT self-attention into com.microsoft Attention (--target ort)."""
+"""fuse: multi-head attention into com.microsoft Attention / MultiHeadAttention (--target ort) and
+standard Attention (opset 23, --target onnx)."""
 
 import numpy as np
 import onnx
@@ -9,12 +10,14 @@ import onnxopt
 from models.builders import op_counts, ops, optimize_checked
 
 B, S, H, N = 2, 4, 8, 2
+L = 5  # key length of the cross-attention models
 D = H // N
 
 
 def attention_model(mask_shape=(B, 1, S, S), scale_op="Mul", probs_output=False, k_perm=(0, 2, 3, 1),
-                    opset=17) -> onnx.ModelProto:
-    """X -> Q/K/V projections -> heads -> softmax(QK^T * scale + mask) V -> merged heads -> Y."""
+                    opset=17, bias=True, cross=False) -> onnx.ModelProto:
+    """X -> Q/K/V projections -> heads -> softmax(QK^T * scale + mask) V -> merged heads -> Y.
+    cross: keys and values are projected from a second input `mem` [B, L, H]."""
     rng = np.random.default_rng(0)
     inits, nodes = [], []
 
@@ -25,9 +28,11 @@ def attention_model(mask_shape=(B, 1, S, S), scale_op="Mul", probs_output=False,
     for t in "qkv":
         const(f"w{t}", (rng.standard_normal((H, H)) * 0.3).astype(np.float32))
         const(f"b{t}", (rng.standard_normal(H) * 0.1).astype(np.float32))
-        nodes += [helper.make_node("MatMul", ["x", f"w{t}"], [f"{t}_mm"]),
-                  helper.make_node("Add", [f"b{t}", f"{t}_mm"], [f"{t}_add"]),
-                  helper.make_node("Reshape", [f"{t}_add", const(f"shape{t}", np.array([0, 0, -1, D], np.int64))],
+        source = "mem" if cross and t != "q" else "x"
+        nodes += [helper.make_node("MatMul", [source, f"w{t}"], [f"{t}_mm"])]
+        if bias:
+            nodes.append(helper.make_node("Add", [f"b{t}", f"{t}_mm"], [f"{t}_add"]))
+        nodes += [helper.make_node("Reshape", [f"{t}_add" if bias else f"{t}_mm", const(f"shape{t}", np.array([0, 0, -1, D], np.int64))],
                                    [f"{t}_heads"]),
                   helper.make_node("Transpose", [f"{t}_heads"], [f"{t}_t"],
                                    perm=list(k_perm) if t == "k" else [0, 2, 1, 3])]
@@ -35,6 +40,8 @@ def attention_model(mask_shape=(B, 1, S, S), scale_op="Mul", probs_output=False,
     nodes += [helper.make_node("MatMul", ["q_t", "k_t"], ["scores"]),
               helper.make_node(scale_op, ["scores", scale], ["scaled"])]
     inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [B, S, H])]
+    if cross:
+        inputs.append(helper.make_tensor_value_info("mem", onnx.TensorProto.FLOAT, [B, L, H]))
     if mask_shape is not None:
         inputs.append(helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, list(mask_shape)))
         nodes.append(helper.make_node("Add", ["scaled", "mask"], ["masked"]))
@@ -47,17 +54,21 @@ def attention_model(mask_shape=(B, 1, S, S), scale_op="Mul", probs_output=False,
         outputs.append(helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [B, N, S, S]))
     model = helper.make_model(helper.make_graph(nodes, "attention", inputs, outputs, inits),
                               opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
+    model.ir_version = 10 if opset >= 23 else 8
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def feeds(mask_shape=(B, 1, S, S)):
+def feeds(mask_shape=(B, 1, S, S), cross=False):
     rng = np.random.default_rng(1)
     f = {"x": rng.standard_normal((B, S, H)).astype(np.float32)}
+    if cross:
+        f["mem"] = rng.standard_normal((B, L, H)).astype(np.float32)
     if mask_shape is not None:
         mask = np.zeros(mask_shape, np.float32)
         mask[..., -1] = np.finfo(np.float32).min  # the last key is padding, as exporters spell it
+        if mask_shape[0] == B and B > 1:
+            mask[1, ..., -2:] = -10000.0  # and a second padding key in the second sample
         f["mask"] = mask
     return f
 
@@ -81,11 +92,57 @@ def test_attention_is_idempotent():
     assert again.passes[0].counts == {} and ops(again.model) == ["Attention"]
 
 
+def test_key_padding_mask_is_expanded_over_the_queries():
+    """HF-style [B, 1, 1, S] padding mask: onnxruntime's attention_bias does not broadcast over
+    the query axis, so one Expand (shared by every layer reading the mask) spells it out."""
+    mask_shape = (B, 1, 1, S)
+    model = attention_model(mask_shape)
+    for target, fused in (("ort", "Attention"), ("onnx", "Attention")):
+        out, result = optimize_checked(model, ["fuse"], feeds=feeds(mask_shape), target=target, max_opset=23)
+        assert op_counts(out)[fused] == 1 and op_counts(out)["Expand"] == 1
+        assert "Softmax" not in op_counts(out)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mask_shape", [(B, 1, S, L), (B, 1, 1, L), None])
+def test_cross_attention_into_multi_head_attention(bias, mask_shape):
+    model = attention_model(mask_shape, bias=bias, cross=True)
+    out, result = optimize_checked(model, ["fuse"], feeds=feeds(mask_shape, cross=True), target="ort")
+    assert result.passes[0].counts == {"multi_head_attention": 1}
+    assert op_counts(out)["MultiHeadAttention"] == 1 and op_counts(out)["MatMul"] == 3
+    assert "Softmax" not in op_counts(out) and "Add" not in op_counts(out)
+    node = next(n for n in out.graph.node if n.op_type == "MultiHeadAttention")
+    assert node.domain == "com.microsoft" and (node.input[3] != "") == bias
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_attention_onnx_opset23(cross, bias):
+    mask_shape = (B, 1, S, L if cross else S)
+    model = attention_model(mask_shape, opset=23, bias=bias, cross=cross)
+    out, result = optimize_checked(model, ["fuse"], feeds=feeds(mask_shape, cross), target="onnx")
+    assert result.passes[0].counts == {"attention_onnx": 1}
+    assert op_counts(out) == {"MatMul": 3, "Attention": 1, **({"Add": 3} if bias else {})}
+    node = next(n for n in out.graph.node if n.op_type == "Attention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert node.domain == "" and attrs["q_num_heads"] == attrs["kv_num_heads"] == N
+    assert attrs["scale"] == pytest.approx(1 / np.sqrt(D))
+
+
+def test_attention_onnx_raises_the_opset_when_allowed():
+    model = attention_model(opset=17)
+    out, result = optimize_checked(model, ["fuse"], feeds=feeds(), target="onnx", max_opset=23)
+    assert result.passes[0].counts == {"attention_onnx": 1, "opset_raised_17_to_23": 1}
+    assert next(o.version for o in out.opset_import if o.domain == "") == 23
+    again = onnxopt.optimize(out, passes=["fuse"], target="onnx", verify="none")
+    assert again.passes[0].counts == {}
+
+
 @pytest.mark.parametrize("kwargs, target, reason", [
     ({"mask_shape": (S, S)}, "ort", "mask is not a 4-D"),
-    ({"mask_shape": (B, 1, 1, S)}, "ort", "mask is not a 4-D"),  # HF-style [B, 1, 1, S] padding mask
+    ({"mask_shape": (B, 1, S, 1)}, "ort", "mask broadcasts over the key positions"),
     ({"probs_output": True}, "ort", "intermediate 'probs' is a graph output"),
-    ({}, "onnx", "needs opset 23"),
+    ({}, "onnx", "Attention needs opset 23, the model has 17"),
 ])
 def test_attention_not_fused(kwargs, target, reason):
     model = attention_model(**kwargs)
