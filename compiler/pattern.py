@@ -9,7 +9,9 @@ and a `rewrite` that builds the replacement; a rule list is ordered by priority.
 
 `Op(..., commute=True)` also tries the first two inputs swapped (the default for Add and Mul). A capture
 name used twice must bind the same tensor (or, for a named `Op`, the same node). `C(name)` matches
-a constant (never an overridable initializer).
+a constant (never an overridable initializer); a graph input (or an initializer the caller may
+override) where a constant is wanted still matches, as a near-miss that `weight_input_refusal`
+turns into the reason (so --explain can say why a fusion did not happen).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Match:
     tensors: dict = field(default_factory=dict)  # capture name -> tensor
     nodes: dict = field(default_factory=dict)  # capture name -> node
     matched: list = field(default_factory=list)  # every matched node, root last
+    loose: list = field(default_factory=list)  # C captures bound to graph inputs: a near-miss
 
     def __getitem__(self, name):
         return self.tensors[name] if name in self.tensors else self.nodes[name]
@@ -70,7 +73,7 @@ class Match:
         return values(self.tensors[name])
 
     def copy(self) -> "Match":
-        return Match(dict(self.tensors), dict(self.nodes), list(self.matched))
+        return Match(dict(self.tensors), dict(self.nodes), list(self.matched), list(self.loose))
 
 
 def match_node(pattern: Op, node: gs.Node) -> Match | None:
@@ -85,14 +88,17 @@ def _match_node(p: Op, node: gs.Node, m: Match) -> Match | None:
     orders = [list(range(len(p.inputs)))]
     if p.commute and len(p.inputs) >= 2:
         orders.append([1, 0] + orders[0][2:])  # the first two inputs, swapped
+    loose = None
     for order in orders:
         trial = m.copy()
         if all(_match_tensor(sub, node.inputs[i], trial) for sub, i in zip(p.inputs, order)):
             if p.name:
                 trial.nodes[p.name] = node
             trial.matched.append(node)
-            return trial
-    return None
+            if len(trial.loose) == len(m.loose):
+                return trial
+            loose = loose or trial  # a near-miss: an exact match in the other order wins
+    return loose
 
 
 def _match_tensor(p, t: gs.Tensor, m: Match) -> bool:
@@ -104,12 +110,15 @@ def _match_tensor(p, t: gs.Tensor, m: Match) -> bool:
         sub = _match_node(p, t.inputs[0], m)
         if sub is None:
             return False
-        m.tensors, m.nodes, m.matched = sub.tensors, sub.nodes, sub.matched
+        m.tensors, m.nodes, m.matched, m.loose = sub.tensors, sub.nodes, sub.matched, sub.loose
         return True
     if isinstance(p, C):
         if not is_constant(t):
-            return False
-        if p.value is not None:
+            if t.inputs:  # computed at run time: not a near-miss
+                return False
+            if p.name not in m.loose:
+                m.loose.append(p.name)
+        elif p.value is not None:
             v = values(t)
             if v.size != 1 or not np.allclose(v.astype(np.float64), p.value, rtol=1e-6, atol=0):
                 return False
@@ -117,6 +126,14 @@ def _match_tensor(p, t: gs.Tensor, m: Match) -> bool:
         return m.tensors[p.name] is t
     m.tensors[p.name] = t
     return True
+
+
+def weight_input_refusal(m: Match) -> str | None:
+    """Why a match with a graph input where a constant belongs cannot be fused."""
+    if m.loose:
+        t = m.tensors[m.loose[0]]
+        return f"{t.name!r} is a graph input, not a constant (a caller may feed another value)"
+    return None
 
 
 def internal_uses_refusal(m: Match, graph_outputs: set[int]) -> str | None:

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.errors import UsageError
 from onnxopt.graph import Names, all_graphs, output_tensors, raise_opset
-from onnxopt.pattern import internal_uses_refusal, match_node
+from onnxopt.pattern import internal_uses_refusal, match_node, weight_input_refusal
 from onnxopt.pipeline import Pass
 
 from .activations import RULES as ACTIVATION_RULES
@@ -125,7 +125,7 @@ def apply_rules(rules, env: Env, counts: Counter, misses: dict) -> int:
             m = match_node(rule.pattern, node)
             if m is None or any(id(n) in taken for n in m.matched):
                 continue
-            reason = internal_uses_refusal(m, outs) or rule.check(m, env)
+            reason = weight_input_refusal(m) or internal_uses_refusal(m, outs) or rule.check(m, env)
             if reason:
                 misses[(rule.name, node.name or node.op)] = reason
                 continue

@@ -282,3 +282,28 @@ def test_conv_activation_clip_bound_from_input_is_not_fused():
         }}""")
     out, result = fuse(model, target="ort", feeds={"x": np.ones((1, 3, 6, 6), np.float32), "hi": np.array(0.7, np.float32)})
     assert ops(out) == ["Conv", "Clip"]
+
+
+def test_explain_names_a_weight_that_is_a_graph_input():
+    model = from_text(f"""
+        {header(20)}
+        g (float[2,4] x, float half) => (float[2,4] y) <float s = {{1.4142135}}, float one = {{1.0}}> {{
+            q = Div(x, s)
+            e = Erf(q)
+            p = Add(e, one)
+            r = Mul(x, p)
+            y = Mul(r, half)
+        }}""")
+    feeds = {"x": random_feeds(model)["x"], "half": np.array(0.5, np.float32)}
+    out, result = fuse(model, feeds=feeds, explain=True)
+    assert ops(out) == ops(model) and result.passes[0].counts == {}
+    assert result.explain == ["fuse: gelu at Mul: not fused: 'half' is a graph input, not a constant "
+                              "(a caller may feed another value)"]
+
+
+def test_a_constant_in_either_operand_order_is_not_a_near_miss():
+    """Mul(x, c) is matched with the constant found in either position, so a graph input in the
+    other position is never reported as a weight."""
+    model = gelu_model(20, "dynamo")
+    out, result = fuse(model, explain=True)
+    assert result.passes[0].counts == {"gelu": 1} and result.explain == []
