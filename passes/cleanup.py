@@ -60,12 +60,18 @@ def remove_noops(graph: gs.Graph) -> Counter:
     outs = output_tensors(graph)
     local = {id(n) for n in graph.nodes}
     counts = Counter()
-    for node in list(graph.nodes):
+    queue = list(graph.nodes)
+    for node in queue:  # grows while it is walked
         if not node.outputs or not node.inputs:
             continue
         found = _noop(node, graph)
-        if found and bypass(graph, node, found[1], outs, local):
+        if not found:
+            continue
+        out = node.outputs[0]
+        if bypass(graph, node, found[1], outs, local):
             counts[found[0]] += 1
+            if id(out) in outs:  # the producer now writes a graph output, whose declared shape
+                queue.extend(out.outputs)  # may prove consumers visited earlier no-ops too
     return counts
 
 

@@ -556,11 +556,8 @@ class _Graph:
         return name
 
 
-# Known bug (test_noop_reshape_found_on_the_first_run below): cleanup proves a Reshape a no-op only
-# on a second run when its input's shape comes from a graph output it was renamed to in the first.
-# Until it is fixed, Loop outputs (whose shapes onnx inference leaves unknown) always get a declared
-# shape; set this to False to fuzz the undeclared case too.
-DECLARE_LOOP_OUTPUT_SHAPES = True
+# Loop outputs (whose shapes onnx inference leaves unknown) get a declared shape or not
+DECLARE_LOOP_OUTPUT_SHAPES = False
 
 UNARY = ["Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Identity"]
 BINARY = ["Add", "Mul", "Sub"]
@@ -1046,9 +1043,6 @@ def test_optimize_leaves_the_input_opsets_alone():
     assert model.SerializeToString() == before
 
 
-@pytest.mark.xfail(strict=True, reason="passes/cleanup.py: a Reshape whose input shape is unknown until an Identity "
-                                       "or Transpose bypass renames that input to a graph output (with its declared "
-                                       "shape) is found a no-op only by a second run: not idempotent")
 def test_noop_reshape_found_on_the_first_run():
     model = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 13]>' + """
     g (float[2] x) => (float[2] t, float[2] y) <int64 n = {1}, int64[1] s = {2}, float h = {0.5}> {
