@@ -134,25 +134,25 @@ def _training_dropout(node: gs.Node, graph: gs.Graph) -> bool:
 
 
 def _reshape_is_noop(node, graph) -> bool:
+    """The target spells the input's own shape: each entry its dimension or 0 (copy, unless
+    allowzero), and at most one -1, which then resolves to the input's own dimension at that
+    position, symbolic or not (the other entries being the other dimensions)."""
     x = node.inputs[0]
-    shape = static_shape(x)
     target = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if shape is None or target is None:
+    if x.shape is None or target is None:
         return False
     target = [int(v) for v in np.asarray(target).reshape(-1)]
-    if len(target) != len(shape):
+    if len(target) != len(x.shape) or target.count(-1) > 1:
         return False
-    allowzero = node.attrs.get("allowzero", 0)
-    resolved = []
-    for i, v in enumerate(target):
-        resolved.append(shape[i] if (v == 0 and not allowzero) else v)
-    if resolved.count(-1) == 1:
-        known = int(np.prod([v for v in resolved if v != -1]))
-        total = int(np.prod(shape))
-        if known == 0 or total % known:
+    copy = not node.attrs.get("allowzero", 0)
+    for v, d in zip(target, x.shape):
+        if v == -1:
+            continue
+        if not ((v == 0 and copy) or (isinstance(d, int) and v == d)):
             return False
-        resolved[resolved.index(-1)] = total // known
-    return resolved == shape
+        if isinstance(d, int) and d == 0 and -1 in target:
+            return False  # -1 next to an empty dimension cannot be resolved
+    return True
 
 
 def _slice_is_noop(node, graph) -> bool:

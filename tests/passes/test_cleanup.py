@@ -402,6 +402,24 @@ def test_real_reshape_stays(target, shape):
     unchanged(m)
 
 
+@pytest.mark.parametrize("target, removed", [("-1, 8", True), ("0, 8", True), ("0, -1", True), ("-1, 4", False),
+                                             ("2, -1", False), ("B, 8", False)])
+def test_reshape_with_symbolic_batch(target, removed):
+    """[-1, 8] on a [B, 8] input is a no-op whatever B is; [-1, 4] is not."""
+    target = target.replace("B", "2")
+    out_shape = "B,8" if removed else "N,M"
+    m = model(f"""
+    g (float[B,8] x) => (float[{out_shape}] y) <int64[2] s = {{{target}}}> {{
+        r = Reshape(x, s)
+        y = Relu(r)
+    }}""")
+    feeds = {"x": np.ones((2, 8), np.float32)}
+    if removed:
+        check(m, {"noop_reshape_removed": 1}, ["Relu"], feeds=feeds)
+    else:
+        unchanged(m, feeds=feeds)
+
+
 def test_reshape_to_runtime_shape_stays():
     m = model("""
     g (float[2,3,4] x, int64[3] s) => (float[2,3,4] y) {
