@@ -22,10 +22,11 @@ from onnxopt.pipeline import Pass
 from .activations import RULES as ACTIVATION_RULES
 from .attention import RULES as ATTENTION_RULES
 from .conv import RULES as CONV_RULES
+from .linear import RULES as LINEAR_RULES
 from .norms import RULES as NORM_RULES
 
 # Priority order: the big patterns first, then norms, then the activations that sit inside them.
-RULES = ATTENTION_RULES + NORM_RULES + ACTIVATION_RULES + CONV_RULES
+RULES = ATTENTION_RULES + NORM_RULES + ACTIVATION_RULES + CONV_RULES + LINEAR_RULES
 _MAX_SWEEPS = 4
 
 
@@ -54,7 +55,8 @@ class Env:
 
 class FusePass(Pass):
     name = "fuse"
-    summary = "operator fusion: attention, LayerNorm, SkipLayerNorm, GELU, BiasGelu, Conv+activation (ort)"
+    summary = ("operator fusion: attention, LayerNorm, SkipLayerNorm, GELU, BiasGelu, Conv+activation (ort), "
+               "Pad into Conv/pools, BN/scale/Transpose into Gemm/MatMul, Gemm+activation (ort), shape chains")
     after = ("fold", "cleanup")
     tolerance = "fp32"
 
@@ -118,10 +120,11 @@ def apply_rules(rules, env: Env, counts: Counter, misses: dict) -> int:
     outs = output_tensors(env.graph)
     taken: set[int] = set()
     applied = 0
+    by_root = _rules_by_root_op(rules)
     for node in list(env.graph.nodes):
         if id(node) in taken or not node.outputs:
             continue
-        for rule in rules:
+        for rule in by_root.get(node.op, ()):
             m = match_node(rule.pattern, node)
             if m is None or any(id(n) in taken for n in m.matched):
                 continue
@@ -137,3 +140,12 @@ def apply_rules(rules, env: Env, counts: Counter, misses: dict) -> int:
             applied += 1
             break
     return applied
+
+
+def _rules_by_root_op(rules) -> dict[str, list]:
+    """{op type: the rules whose pattern root can match it, in priority order}."""
+    index: dict[str, list] = {}
+    for rule in rules:
+        for op in rule.pattern.op if isinstance(rule.pattern.op, tuple) else (rule.pattern.op,):
+            index.setdefault(op, []).append(rule)
+    return index
