@@ -342,6 +342,8 @@ BAD_OPTIONS = [
     ("shape_rank", ["--input-shape", "x=2x3x4"], 2, ["--input-shape x: rank 3 but the input has rank 2"]),
     ("shape_fixed_dim", ["--input-shape", "x=5x3"], 2, ["--input-shape x: dimension 5 but the model fixes it to 2"]),
     ("target", ["--target", "gpu"], 2, ["bad --target 'gpu': expected onnx or ort"]),
+    ("max_opset_range", ["--max-opset", "0"], 2, ["bad --max-opset 0: this onnx knows opsets 1 to"]),
+    ("max_opset_not_int", ["--max-opset", "new"], 2, ["'new' is not a valid integer"]),
     ("unknown_flag", ["--frobnicate"], 2, ["No such option '--frobnicate'"]),
     ("verify_missing_value", ["--verify"], 2, ["Option '--verify' requires an argument"]),
 ]
