@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import UsageError
-from onnxopt.graph import Names, all_graphs, output_tensors, raise_opset
+from onnxopt.graph import Names, all_graphs, materialize_constant_nodes, output_tensors, raise_opset
 from onnxopt.pattern import internal_uses_refusal, match_node, weight_input_refusal
 from onnxopt.pipeline import Pass
 
@@ -55,7 +55,8 @@ class Env:
 
 class FusePass(Pass):
     name = "fuse"
-    summary = ("operator fusion: attention, LayerNorm, SkipLayerNorm, GELU, BiasGelu, Conv+activation (ort), "
+    summary = ("operator fusion: attention, LayerNorm, SkipLayerNorm, RMSNorm, GELU (erf, tanh), BiasGelu, SiLU, "
+               "HardSigmoid, HardSwish, Mish, Conv+activation (ort), "
                "Pad into Conv/pools, BN/scale/Transpose into Gemm/MatMul, Gemm+activation (ort), shape chains")
     after = ("fold", "cleanup")
     tolerance = "fp32"
@@ -63,7 +64,8 @@ class FusePass(Pass):
     @dataclass
     class Options:
         # SkipLayerNormalization measured slower than Add + LayerNormalization on onnxruntime's CPU
-        # kernels (MiniLM legacy, 1 thread, seq 128: +4 to +7%), so it is opt-in
+        # kernels (MiniLM legacy, 1 thread, seq 128: +4 to +7%), so it is opt-in, and with it
+        # SkipSimplifiedLayerNormalization (skip_rms_norm), not measured on a real model here
         skip_layer_norm: bool = False
         disable: str = ""  # comma-separated rule names not to apply
 
@@ -74,7 +76,7 @@ class FusePass(Pass):
             raise UsageError(f"fuse.disable: unknown rule(s) {', '.join(sorted(unknown))}; "
                              f"rules: {', '.join(sorted({r.name for r in RULES}))}")
         if not self.options.skip_layer_norm:
-            off |= {"skip_layer_norm", "skip_layer_norm_bias"}
+            off |= {"skip_layer_norm", "skip_layer_norm_bias", "skip_rms_norm"}
         rules = [r for r in RULES if ctx.target in r.targets and r.name not in off]
         counts = Counter()
         misses: dict[tuple, str] = {}
@@ -87,6 +89,7 @@ class FusePass(Pass):
                 ctx.log(f"fuse: opset not raised to {wanted}: {e}")
             else:
                 counts[f"opset_raised_{before}_to_{wanted}"] = 1
+                materialize_constant_nodes(model.graph)  # the converter writes some as Constant nodes
                 misses.clear()
                 self._sweep(model.graph, rules, ctx, counts, misses)
         if ctx.explain:

@@ -139,8 +139,9 @@ def _full_mask(m, env) -> gs.Tensor:
             gs.Node("Shape", new("Shape"), inputs=[m["xq"]], outputs=[shape]),
             gs.Node("Gather", new("Gather"), inputs=[shape, gs.Constant(new("one"), np.array([1], np.int64))],
                     outputs=[seq], attrs={"axis": 0}),
-            gs.Node("Concat", new("Concat"), attrs={"axis": 0}, outputs=[target], inputs=[
-                gs.Constant(new("ones"), np.array([1, 1], np.int64)), seq, gs.Constant(new("one"), np.array([1], np.int64))]),
+            gs.Node("Concat", new("Concat"), attrs={"axis": 0}, outputs=[target],
+                    inputs=[gs.Constant(new("ones"), np.array([1, 1], np.int64)), seq,
+                            gs.Constant(new("one"), np.array([1], np.int64))]),
             gs.Node("Expand", new("Expand"), inputs=[mask, target], outputs=[out]),
         ]
         env.cache[key] = out

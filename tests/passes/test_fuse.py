@@ -133,6 +133,33 @@ def test_max_opset_out_of_range_is_a_usage_error():
         onnxopt.optimize(gelu_model(17), passes=["fuse"], verify="none", max_opset=99)
 
 
+@pytest.mark.parametrize("tail, inputs", [("gm = Mul(n, gamma)\n y = Add(gm, beta)", 3), ("y = Mul(n, gamma)", 2),
+                                          ("y = Identity(n)", 2)])
+@pytest.mark.parametrize("max_opset", [None, 23])
+def test_layer_norm_without_affine_parts(tail, inputs, max_opset):
+    """Cleanup removes a Mul by ones and an Add of zeros: LayerNorm without gamma (a scale of
+    ones is supplied) or beta still fuses, and never as RMSNormalization of the centered input."""
+    model = from_text(f"""
+        {header(17)}
+        g (float[2,3,4] x) => (float[2,3,4] y)
+        <float two = {{2.0}}, float eps = {{1e-5}}, float[4] gamma = {{1.0, 2.0, 0.5, 1.5}},
+         float[4] beta = {{0.1, 0.2, 0.3, 0.4}}> {{
+            m = ReduceMean<axes = [-1]>(x)
+            d = Sub(x, m)
+            sq = Pow(d, two)
+            v = ReduceMean<axes = [-1]>(sq)
+            ve = Add(v, eps)
+            sd = Sqrt(ve)
+            n = Div(d, sd)
+            {tail}
+        }}""")
+    out, result = fuse(model, max_opset=max_opset)
+    assert [op for op in ops(out) if op != "Identity"] == ["LayerNormalization"]
+    assert result.passes[0].counts == {"layer_norm": 1}
+    (ln,) = [n for n in out.graph.node if n.op_type == "LayerNormalization"]
+    assert len(ln.input) == inputs
+
+
 def test_layer_norm_not_over_last_axis():
     model = layer_norm_model(17, axes="1", gamma="float[4] gamma = {1.0, 2.0, 0.5, 1.5}")
     out, result = fuse(model)
@@ -287,18 +314,33 @@ def test_conv_activation_clip_bound_from_input_is_not_fused():
 def test_explain_names_a_weight_that_is_a_graph_input():
     model = from_text(f"""
         {header(20)}
-        g (float[2,4] x, float half) => (float[2,4] y) <float s = {{1.4142135}}, float one = {{1.0}}> {{
+        g (float[2,4] x, float half) => (float[2,4] y)
+        <float s = {{1.4142135}}, float one = {{1.0}}, float half = {{0.5}}> {{
             q = Div(x, s)
             e = Erf(q)
             p = Add(e, one)
             r = Mul(x, p)
             y = Mul(r, half)
         }}""")
-    feeds = {"x": random_feeds(model)["x"], "half": np.array(0.5, np.float32)}
+    feeds = {"x": random_feeds(model)["x"], "half": np.array(0.25, np.float32)}
     out, result = fuse(model, feeds=feeds, explain=True)
     assert ops(out) == ops(model) and result.passes[0].counts == {}
-    assert result.explain == ["fuse: gelu at Mul: not fused: 'half' is a graph input, not a constant "
-                              "(a caller may feed another value)"]
+    assert result.explain == ["fuse: gelu at Mul: not fused: weight 'half' is also a graph input, so not a "
+                              "constant (a caller may feed another value)"]
+
+
+def test_a_plain_graph_input_is_not_reported_as_a_weight():
+    model = from_text(f"""
+        {header(20)}
+        g (float[2,4] x, float h) => (float[2,4] y) <float s = {{1.4142135}}, float one = {{1.0}}> {{
+            q = Div(x, s)
+            e = Erf(q)
+            p = Add(e, one)
+            r = Mul(x, p)
+            y = Mul(r, h)
+        }}""")
+    out, result = fuse(model, feeds={"x": random_feeds(model)["x"], "h": np.array(0.5, np.float32)}, explain=True)
+    assert result.passes[0].counts == {} and result.explain == []
 
 
 def test_a_constant_in_either_operand_order_is_not_a_near_miss():
