@@ -9,9 +9,10 @@ and a `rewrite` that builds the replacement; a rule list is ordered by priority.
 
 `Op(..., commute=True)` also tries the first two inputs swapped (the default for Add and Mul). A capture
 name used twice must bind the same tensor (or, for a named `Op`, the same node). `C(name)` matches
-a constant (never an overridable initializer); a graph input (or an initializer the caller may
-override) where a constant is wanted still matches, as a near-miss that `weight_input_refusal`
-turns into the reason (so --explain can say why a fusion did not happen).
+a constant (never an overridable initializer); an overridable initializer (a weight that is also
+a graph input, which a caller may feed) where a constant is wanted still matches, as a near-miss
+that `weight_input_refusal` turns into the reason (so --explain can say why a fusion did not
+happen).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Match:
     tensors: dict = field(default_factory=dict)  # capture name -> tensor
     nodes: dict = field(default_factory=dict)  # capture name -> node
     matched: list = field(default_factory=list)  # every matched node, root last
-    loose: list = field(default_factory=list)  # C captures bound to graph inputs: a near-miss
+    loose: list = field(default_factory=list)  # C captures bound to overridable weights: a near-miss
 
     def __getitem__(self, name):
         return self.tensors[name] if name in self.tensors else self.nodes[name]
@@ -114,7 +115,7 @@ def _match_tensor(p, t: gs.Tensor, m: Match) -> bool:
         return True
     if isinstance(p, C):
         if not is_constant(t):
-            if t.inputs:  # computed at run time: not a near-miss
+            if not isinstance(t, gs.Constant):  # data, not a weight: not a near-miss
                 return False
             if p.name not in m.loose:
                 m.loose.append(p.name)
@@ -129,10 +130,10 @@ def _match_tensor(p, t: gs.Tensor, m: Match) -> bool:
 
 
 def weight_input_refusal(m: Match) -> str | None:
-    """Why a match with a graph input where a constant belongs cannot be fused."""
+    """Why a match with an overridable weight where a constant belongs cannot be fused."""
     if m.loose:
         t = m.tensors[m.loose[0]]
-        return f"{t.name!r} is a graph input, not a constant (a caller may feed another value)"
+        return f"weight {t.name!r} is also a graph input, so not a constant (a caller may feed another value)"
     return None
 
 
