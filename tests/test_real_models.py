@@ -40,6 +40,17 @@ def test_minilm_fuse_ort(export, tmp_path):
     assert all(o["ok"] and o["max_abs"] < 1e-4 for o in result.verification["outputs"])
 
 
+@pytest.mark.parametrize("export, opset", [("legacy", 17), ("dynamo", 18)])
+def test_minilm_fuse_onnx_raised_to_opset23(export, opset, tmp_path):
+    """--target onnx: GELU (opset 20) and attention (opset 23) in standard operators."""
+    result = run(MINILM[export], tmp_path, ["fold", "cleanup", "fuse"], max_opset=23)
+    assert result.passes[2].counts == {f"opset_raised_{opset}_to_23": 1, "attention_onnx": 6, "gelu": 6}
+    assert all(o["ok"] and o["max_abs"] < 1e-4 for o in result.verification["outputs"])
+    # the opset kept: no GELU, and on the legacy export its 0.5 goes into the next MatMul's weight
+    kept = run(MINILM[export], tmp_path, ["fold", "cleanup", "fuse"])
+    assert kept.passes[2].counts == ({"scale_into_matmul": 6} if export == "legacy" else {})
+
+
 def test_mobilenet_fold_cleanup(tmp_path):
     result = onnxopt.optimize(os.path.join(SHARED, "mobilenet_v2_unfoldedbn_op17.onnx"), tmp_path / "out.onnx")
     assert result.after["nodes"] == 100 and result.passes[0].counts["conv_bn_folded"] == 52
@@ -50,13 +61,16 @@ MODELS = [MINILM["legacy"], MINILM["dynamo"], "mobilenet_v2_unfoldedbn_op17.onnx
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("passes, target", [(["fold", "cleanup"], "onnx"), (["fold", "cleanup", "fuse"], "ort")])
-def test_deterministic_and_idempotent(name, passes, target, tmp_path):
+@pytest.mark.parametrize("passes, target, max_opset", [(["fold", "cleanup"], "onnx", None),
+                                                       (["fold", "cleanup", "fuse"], "ort", None),
+                                                       (["fold", "cleanup", "fuse"], "onnx", 23)])
+def test_deterministic_and_idempotent(name, passes, target, max_opset, tmp_path):
     """Two runs on the same input give byte-identical files; a second run over the output changes nothing."""
     src = os.path.join(SHARED, name)
-    first = onnxopt.optimize(src, tmp_path / "a.onnx", passes=passes, target=target, verify="none")
-    onnxopt.optimize(src, tmp_path / "b.onnx", passes=passes, target=target, verify="none")
+    kw = {"passes": passes, "target": target, "verify": "none", "max_opset": max_opset}
+    first = onnxopt.optimize(src, tmp_path / "a.onnx", **kw)
+    onnxopt.optimize(src, tmp_path / "b.onnx", **kw)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
-    again = onnxopt.optimize(tmp_path / "a.onnx", tmp_path / "c.onnx", passes=passes, target=target, verify="none")
+    again = onnxopt.optimize(tmp_path / "a.onnx", tmp_path / "c.onnx", **kw)
     assert [r.counts for r in again.passes] == [{}] * len(passes)
     assert again.after["nodes"] == first.after["nodes"]

@@ -12,11 +12,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import UsageError
-from onnxopt.graph import Names, all_graphs, materialize_constant_nodes, output_tensors, raise_opset
+from onnxopt.graph import (Names, all_graphs, is_constant, materialize_constant_nodes, output_tensors, raise_opset,
+                           values)
 from onnxopt.pattern import internal_uses_refusal, match_node, weight_input_refusal
+from onnxopt.passes.cleanup import merge_duplicate_constants
 from onnxopt.pipeline import Pass
 
 from .activations import RULES as ACTIVATION_RULES
@@ -41,6 +44,21 @@ class Env:
     max_opset: int = 0  # the opset the model may be raised to (--max-opset); 0: never raised
     wanted: int = 0  # the highest opset a refused match asked for within max_opset
     cache: dict = field(default_factory=dict)  # helper tensors rewrites share within one graph and sweep
+
+    def constant(self, base: str, array) -> gs.Constant:
+        """A small constant: one the graph already has with the same values, or a new one
+        (shared by the rewrites of this sweep, so a rule repeated over many layers adds one
+        tensor, and a later cleanup finds nothing to merge)."""
+        array = np.ascontiguousarray(array)
+        if array.size > 64:
+            return gs.Constant(self.names.new(base), array)
+        if "constants" not in self.cache:
+            self.cache["constants"] = {_key(values(t)): t for t in self.graph.tensors().values()
+                                       if is_constant(t) and int(np.prod(t.shape)) <= 64}
+        known = self.cache["constants"]
+        if _key(array) not in known:
+            known[_key(array)] = gs.Constant(self.names.new(base), array)
+        return known[_key(array)]
 
     def needs(self, version: int, what: str) -> str | None:
         """None when the model's opset has `what` (an operator new in opset `version`), else the
@@ -80,22 +98,52 @@ class FusePass(Pass):
         rules = [r for r in RULES if ctx.target in r.targets and r.name not in off]
         counts = Counter()
         misses: dict[tuple, str] = {}
+        if ctx.max_opset and ctx.max_opset > int(model.graph.opset or 0):
+            # raise first, so no rule rewrites part of a pattern that only the newer opset fuses
+            # (a Mul by 0.5 folded into the next MatMul would break a GELU)
+            self._raise(model, self._wanted(model.graph, rules, ctx), ctx, counts)
         wanted = self._sweep(model.graph, rules, ctx, counts, misses)
-        if wanted:  # a fused op needs a newer opset, and --max-opset allows it: raise it, match again
-            before = int(model.graph.opset or 0)
-            try:
-                raise_opset(model, wanted)
-            except ValueError as e:
-                ctx.log(f"fuse: opset not raised to {wanted}: {e}")
-            else:
-                counts[f"opset_raised_{before}_to_{wanted}"] = 1
-                materialize_constant_nodes(model.graph)  # the converter writes some as Constant nodes
-                misses.clear()
-                self._sweep(model.graph, rules, ctx, counts, misses)
+        if self._raise(model, wanted, ctx, counts):  # a pattern another rewrite revealed
+            misses.clear()
+            self._sweep(model.graph, rules, ctx, counts, misses)
         if ctx.explain:
             for (rule, where), reason in misses.items():
                 ctx.log(f"fuse: {rule} at {where}: not fused: {reason}")
         return counts
+
+    @staticmethod
+    def _raise(model, wanted: int, ctx, counts) -> bool:
+        """Raise the model's opset to `wanted` (0: nothing asked); whether it was raised."""
+        if not wanted:
+            return False
+        before = int(model.graph.opset or 0)
+        try:
+            raise_opset(model, wanted)
+        except ValueError as e:
+            ctx.log(f"fuse: opset not raised to {wanted}: {e}")
+            return False
+        counts[f"opset_raised_{before}_to_{wanted}"] = 1
+        # the converter writes Constant nodes (axes moved from attributes to inputs...): make them
+        # initializers, one per value, as fold and cleanup would
+        materialize_constant_nodes(model.graph)
+        merge_duplicate_constants(model.graph)
+        return True
+
+    @staticmethod
+    def _wanted(graph, rules, ctx) -> int:
+        """The opset the matches refused only for their opset ask for (checks, no rewrites)."""
+        wanted = 0
+        for g in all_graphs(graph):
+            env = Env(g, ctx.target, int(graph.opset or 0), Names(graph), max_opset=ctx.max_opset)
+            outs = output_tensors(g)
+            by_root = _rules_by_root_op(rules)
+            for node in g.nodes:
+                for rule in by_root.get(node.op, ()):
+                    m = match_node(rule.pattern, node)
+                    if m is not None and not (weight_input_refusal(m) or internal_uses_refusal(m, outs)):
+                        rule.check(m, env)
+            wanted = max(wanted, env.wanted)
+        return wanted
 
     @staticmethod
     def _sweep(graph, rules, ctx, counts, misses) -> int:
@@ -114,6 +162,10 @@ class FusePass(Pass):
                 break
             graph.cleanup(remove_unused_graph_inputs=False).toposort(mode="nodes")
         return wanted
+
+
+def _key(array: np.ndarray) -> tuple:
+    return array.dtype.str, array.shape, array.tobytes()
 
 
 def apply_rules(rules, env: Env, counts: Counter, misses: dict) -> int:

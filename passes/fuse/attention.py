@@ -137,11 +137,11 @@ def _full_mask(m, env) -> gs.Tensor:
                           shape=[mask.shape[0], mask.shape[1], m["xq"].shape[1], mask.shape[3]])
         env.graph.nodes += [
             gs.Node("Shape", new("Shape"), inputs=[m["xq"]], outputs=[shape]),
-            gs.Node("Gather", new("Gather"), inputs=[shape, gs.Constant(new("one"), np.array([1], np.int64))],
+            gs.Node("Gather", new("Gather"), inputs=[shape, env.constant("one", np.array([1], np.int64))],
                     outputs=[seq], attrs={"axis": 0}),
             gs.Node("Concat", new("Concat"), attrs={"axis": 0}, outputs=[target],
-                    inputs=[gs.Constant(new("ones"), np.array([1, 1], np.int64)), seq,
-                            gs.Constant(new("one"), np.array([1], np.int64))]),
+                    inputs=[env.constant("ones", np.array([1, 1], np.int64)), seq,
+                            env.constant("one", np.array([1], np.int64))]),
             gs.Node("Expand", new("Expand"), inputs=[mask, target], outputs=[out]),
         ]
         env.cache[key] = out
@@ -158,8 +158,9 @@ def _attention(m, env, outputs):
     x = m["xq"]
     name = env.names.new("Attention")
     weight = np.concatenate([values(m["w" + t]) for t in "qkv"], axis=1)
-    bias = _packed_bias(m, env, name) or gs.Constant(env.names.new(name + "_qkv_bias"),
-                                                      np.zeros(weight.shape[1], weight.dtype))
+    bias = _packed_bias(m, env, name)
+    if bias is None:  # onnxruntime's Attention wants one
+        bias = env.constant(name + "_qkv_bias", np.zeros(weight.shape[1], weight.dtype))
     inputs = [x, gs.Constant(env.names.new(name + "_qkv_weight"), weight), bias]
     if "mask" in m.tensors:
         inputs += [gs.Variable.empty(), gs.Variable.empty(), _full_mask(m, env)]

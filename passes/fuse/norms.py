@@ -80,7 +80,9 @@ def _layer_norm_check(m, env):
 def _layer_norm(m, env, outputs):
     eps = float(m.value("eps").reshape(-1)[0])
     x = m["x"]
-    gamma = m.tensors.get("gamma") or gs.Constant(env.names.new("ln_scale"), np.ones([x.shape[-1]], np.dtype(x.dtype)))
+    gamma = m.tensors.get("gamma")
+    if gamma is None:
+        gamma = env.constant("ln_scale", np.ones([x.shape[-1]], np.dtype(x.dtype)))
     inputs = [x, gamma] + ([m["beta"]] if "beta" in m.tensors else [])
     return [gs.Node("LayerNormalization", env.names.new("LayerNorm"), attrs={"axis": -1, "epsilon": eps},
                     inputs=inputs, outputs=outputs)]
@@ -163,7 +165,7 @@ def _rms_refusal(m, x: gs.Tensor) -> str | None:
 def _rms_gamma(m, env, x: gs.Tensor) -> gs.Tensor:
     if "gamma" in m.tensors:
         return m["gamma"]
-    return gs.Constant(env.names.new("rms_scale"), np.ones([x.shape[-1]], dtype=x.dtype))
+    return env.constant("rms_scale", np.ones([x.shape[-1]], dtype=x.dtype))
 
 
 def _rms_check(m, env):
