@@ -27,6 +27,7 @@ from .attention import RULES as ATTENTION_RULES
 from .conv import RULES as CONV_RULES
 from .linear import RULES as LINEAR_RULES
 from .norms import RULES as NORM_RULES
+from .runtime import kernel_refusal
 
 # Priority order: the big patterns first, then norms, then the activations that sit inside them.
 RULES = ATTENTION_RULES + NORM_RULES + ACTIVATION_RULES + CONV_RULES + LINEAR_RULES
@@ -44,6 +45,7 @@ class Env:
     max_opset: int = 0  # the opset the model may be raised to (--max-opset); 0: never raised
     wanted: int = 0  # the highest opset a refused match asked for within max_opset
     cache: dict = field(default_factory=dict)  # helper tensors rewrites share within one graph and sweep
+    probed: dict = field(default_factory=dict)  # onnxruntime kernel probes, shared by the whole run
 
     def constant(self, base: str, array) -> gs.Constant:
         """A small constant: one the graph already has with the same values, or a new one
@@ -102,10 +104,11 @@ class FusePass(Pass):
             # raise first, so no rule rewrites part of a pattern that only the newer opset fuses
             # (a Mul by 0.5 folded into the next MatMul would break a GELU)
             self._raise(model, self._wanted(model.graph, rules, ctx), ctx, counts)
-        wanted = self._sweep(model.graph, rules, ctx, counts, misses)
+        probed: dict = {}
+        wanted = self._sweep(model.graph, rules, ctx, counts, misses, probed)
         if self._raise(model, wanted, ctx, counts):  # a pattern another rewrite revealed
             misses.clear()
-            self._sweep(model.graph, rules, ctx, counts, misses)
+            self._sweep(model.graph, rules, ctx, counts, misses, probed)
         if ctx.explain:
             for (rule, where), reason in misses.items():
                 ctx.log(f"fuse: {rule} at {where}: not fused: {reason}")
@@ -146,7 +149,7 @@ class FusePass(Pass):
         return wanted
 
     @staticmethod
-    def _sweep(graph, rules, ctx, counts, misses) -> int:
+    def _sweep(graph, rules, ctx, counts, misses, probed) -> int:
         """Apply the rules in sweeps until nothing changes; return the opset a refused match
         asked for within --max-opset (0 if none)."""
         names = Names(graph)
@@ -155,7 +158,7 @@ class FusePass(Pass):
         for _ in range(_MAX_SWEEPS):
             changed = 0
             for g in all_graphs(graph):
-                env = Env(g, ctx.target, opset, names, max_opset=ctx.max_opset or 0)
+                env = Env(g, ctx.target, opset, names, max_opset=ctx.max_opset or 0, probed=probed)
                 changed += apply_rules(rules, env, counts, misses)
                 wanted = max(wanted, env.wanted)
             if not changed:
@@ -189,7 +192,16 @@ def apply_rules(rules, env: Env, counts: Counter, misses: dict) -> int:
                 continue
             outputs = list(node.outputs)
             node.outputs.clear()
-            env.graph.nodes.extend(rule.rewrite(m, env, outputs))
+            new = rule.rewrite(m, env, outputs)
+            reason = kernel_refusal(new, {"": env.opset}, env.probed)
+            if reason:  # undo: the new nodes let go of the outputs, the root writes them again
+                for n in new:
+                    n.outputs.clear()
+                    n.inputs.clear()
+                node.outputs.extend(outputs)
+                misses[(rule.name, node.name or node.op)] = reason
+                continue
+            env.graph.nodes.extend(new)
             taken.update(id(n) for n in m.matched)
             counts[rule.name] += 1
             applied += 1

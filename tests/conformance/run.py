@@ -106,7 +106,8 @@ def summarize(cases: list[harness.Case], selected: list[harness.Config], records
     by_config = {}
     for c in selected:
         mine = [r for r in runs if r.config == c.name]
-        by_config[c.name] = {"passes": ",".join(c.passes), "target": c.target, "run": len(mine),
+        by_config[c.name] = {"passes": ",".join(c.passes), "target": c.target + (
+            f", --max-opset {c.max_opset}" if c.max_opset else ""), "run": len(mine),
                              "passed": sum(r.status == "passed" for r in mine),
                              "failed": sum(r.status == "failed" for r in mine),
                              "unchanged": sum(r.detail == "unchanged" for r in mine)}
@@ -140,7 +141,7 @@ def markdown(s: dict) -> str:
         "",
         "A case is run when onnxruntime (CPU, graph optimizations off) runs its original model and matches",
         "the expected outputs; otherwise it is skipped, with the reason. A run case goes through",
-        "`onnxopt.optimize(model, passes, verify=\"none\", target)` once per configuration, and the result",
+        "`onnxopt.optimize(model, passes, verify=\"none\", target, max_opset)` once per configuration, and the result",
         "must pass `onnx.checker` (full_check when the original does), load on onnxruntime and give the",
         "expected outputs (dtype, shape, values within the case's rtol/atol). See",
         "`tests/conformance/harness.py`; the skipped cases' details are in `summary.json`.",

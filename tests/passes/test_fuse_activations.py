@@ -472,3 +472,31 @@ def test_skip_rms_norm_refusals():
 ])
 def test_idempotent(make, target):
     assert_idempotent(make(), target)
+
+
+# onnxruntime kernel coverage ---------------------------------------------------------------------
+
+def _ort_loads_single(op: str, opset: int, dtype=onnx.TensorProto.FLOAT) -> bool:
+    import onnxruntime as ort
+    g = onnx.helper.make_graph([onnx.helper.make_node(op, ["x"], ["y"])], "g",
+                               [onnx.helper.make_tensor_value_info("x", dtype, [2, 4])],
+                               [onnx.helper.make_tensor_value_info("y", dtype, [2, 4])])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    try:
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.parametrize("opset", [24, 25])
+def test_a_fusion_onnxruntime_has_no_kernel_for_is_refused(opset):
+    """Fused exactly when onnxruntime can run the fused op: its 1.32 CPU Swish kernel is
+    registered for opset 24 only, so at 25 x * sigmoid(x) stays as it is (and loads)."""
+    m = silu_model(opset)
+    out, result = fuse(m, explain=True)
+    if _ort_loads_single("Swish", opset):
+        assert ops(out) == ["Swish"] and result.passes[0].counts == {"silu": 1}
+    else:
+        assert ops(out) == ops(m) and result.passes[0].counts == {}
+        assert any("onnxruntime cannot run the fused node" in line for line in result.explain), result.explain
