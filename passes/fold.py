@@ -463,6 +463,8 @@ def _infer_dims(node: gs.Node, dims_of, value, opset_version: int) -> list | Non
         return [1 if i in add else next(src) for i in range(rank)]
     if op == "Slice" and ins[0] is not None and opset_version >= 10:
         return _slice_dims(node, ins[0], value)
+    if op in _REDUCE and ins[0] is not None:
+        return _reduce_dims(node, ins[0], value, opset_version)
     if op == "Expand" and ins[0] is not None:
         target = value(node.inputs[1])
         return _broadcast([ins[0], target[0]]) if target is not None else None
@@ -483,6 +485,34 @@ def _infer_dims(node: gs.Node, dims_of, value, opset_version: int) -> list | Non
         axis = axis + len(ins[0]) if axis < 0 else axis
         return ins[0][:axis] + ins[1] + ins[0][axis + 1:]
     return None
+
+
+_REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+           "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+def _reduce_dims(node: gs.Node, data: list, value, opset_version: int) -> list | None:
+    """A reduction's output dims: axes from the attribute, or from the input from opset 18 (13
+    for ReduceSum); no axes reduces all of them unless noop_with_empty_axes."""
+    if opset_version >= 18 or (node.op == "ReduceSum" and opset_version >= 13):
+        given = len(node.inputs) > 1 and node.inputs[1].name
+        axes = value(node.inputs[1]) if given else ([], False)
+        if axes is None:
+            return None
+        axes = axes[0]
+    else:
+        axes = node.attrs.get("axes", [])
+    rank = len(data)
+    if not all(isinstance(x, int) and -rank <= x < rank for x in axes):
+        return None
+    if not axes:
+        if node.attrs.get("noop_with_empty_axes", 0):
+            return data
+        axes = range(rank)
+    axes = {x % rank for x in axes}
+    if node.attrs.get("keepdims", 1):
+        return [1 if i in axes else d for i, d in enumerate(data)]
+    return [d for i, d in enumerate(data) if i not in axes]
 
 
 def _quotient(total: list, part: list):
@@ -569,6 +599,10 @@ def fold_shapes(graph: gs.Graph, names: Names) -> Counter:
         if node.domain not in STANDARD_DOMAINS or not node.outputs:
             continue
         out = node.outputs[0]
+        if node.op == "Reshape" and len(node.inputs) == 2 and not is_constant(node.inputs[1]):
+            target = value(node.inputs[1])  # resolved first, so the output's dims follow from it
+            if target is not None and _resolve_reshape(node, target[0], dims_of(node.inputs[0]), names):
+                counts["reshape_shapes_resolved"] += 1
         inferred = _infer_dims(node, dims_of, value, version)
         if inferred is not None:
             declared = _dims(out)
@@ -586,10 +620,7 @@ def fold_shapes(graph: gs.Graph, names: Names) -> Counter:
                     and bypass(graph, node, node.inputs[0], outs, local)):
                 counts["noop_expand_removed"] += 1
                 continue
-        if node.op == "Reshape" and len(node.inputs) == 2 and not is_constant(node.inputs[1]):
-            target = value(node.inputs[1])
-            if target is not None and _resolve_reshape(node, target[0], dims_of(node.inputs[0]), names):
-                counts["reshape_shapes_resolved"] += 1
+        if node.op == "Reshape":
             continue
         result = _propagate(node, value, dims_of, version)
         if result is None:
@@ -738,13 +769,15 @@ def _as_gs_shape(inferred: list, declared) -> list:
 def _resolve_reshape(node: gs.Node, target: list, data: list | None, names: Names) -> bool:
     """Replace a computed Reshape target by a constant: an unknown entry proven equal to the
     input's own dimension at the same position becomes 0 (copy), and a single remaining unknown
-    becomes -1. With allowzero=1 the result is the same when the target holds no literal 0 (which
-    is refused), so the attribute is dropped where copies are used."""
+    becomes -1. A literal 0 (paddle2onnx writes [0, S, heads, size]) means "copy" in the computed
+    target as in the constant one, unless allowzero=1: then the result is the same only when the
+    target holds no literal 0 (which is refused), and the attribute is dropped where copies are used."""
+    allowzero = node.attrs.get("allowzero", 0)
     resolved = []
     for i, e in enumerate(target):
         if isinstance(e, int):
-            if e == 0:
-                return False  # a literal 0 from a real dimension would be read as "copy"
+            if e == 0 and allowzero:
+                return False  # a literal 0 is a zero-size dimension there, but copies would be 0s too
             resolved.append(e)
         elif data is not None and i < len(data) and data[i] == e:
             resolved.append(0)

@@ -398,6 +398,30 @@ def test_exporter_reshape_pattern_with_two_dynamic_dims():
     assert_same_outputs(m, out, {"x": rng.standard_normal((3, 2, 6)).astype(np.float32)})
 
 
+@pytest.mark.parametrize("allowzero, resolved", [(0, True), (1, False)])
+def test_paddle_reshape_pattern_with_a_literal_zero(allowzero, resolved):
+    """paddle2onnx: Reshape(h, Concat([0], Cast(Slice(Cast(Shape(h), int32), 1, 2), int64), [2, 4])): the
+    literal 0 copies the batch dimension in the computed target as in a constant one (allowzero=0)."""
+    m = model(f"""
+    g (float[N,S,8] h) => (float[N,S,2,4] y) <{SHAPE_CHAIN_INITS}, int64[1] zero = {{0}}, int64[2] heads = {{2, 4}},
+                                               int64[1] one = {{1}}, int64[1] two = {{2}}> {{
+        s = Shape(h)
+        s32 = Cast<to = 6>(s)
+        d = Slice(s32, one, two, i0v)
+        d64 = Cast<to = 7>(d)
+        t = Concat<axis = 0>(zero, d64, heads)
+        y = Reshape<allowzero = {allowzero}>(h, t)
+    }}""".replace("i0v", "zero"))
+    rng = np.random.default_rng(0)
+    feeds = {"h": rng.standard_normal((3, 5, 8)).astype(np.float32)}
+    if not resolved:  # with allowzero=1 the literal 0 is a zero-size dimension (this model cannot run)
+        result = onnxopt.optimize(m, passes=["fold"], verify="none")
+        assert "reshape_shapes_resolved" not in result.passes[0].counts and "Concat" in ops(result.model)
+        return
+    out = check(m, {"reshape_shapes_resolved": 1}, ["Reshape"], feeds=feeds)
+    assert [v.tolist() for k, v in inits(out).items()] == [[0, 0, 2, 4]]
+
+
 def test_reshape_target_from_another_tensor_not_resolved():
     # z's first dim M is not provably x's N: the chain must stay.
     m = model(f"""
@@ -526,3 +550,33 @@ def test_folding_inside_loop_body():
     loop = body(out, "body")
     assert [n.op_type for n in loop.node] == ["Identity", "Add"]
     np.testing.assert_array_equal(inits(loop)["k"], np.array([-1, -2, -3], np.float32))
+
+
+@pytest.mark.parametrize("op, opset, axes, keepdims, expected", [
+    ("ReduceMean", 17, [-1], 1, ["N", "S", 1]),
+    ("ReduceMean", 17, [1], 0, ["N", 8]),
+    ("ReduceMean", 18, [0, 2], 1, [1, "S", 1]),
+    ("ReduceSum", 13, [], 1, [1, 1, 1]),  # no axes: all of them
+    ("ReduceMax", 18, None, 0, []),
+])
+def test_reduction_dims_are_inferred(op, opset, axes, keepdims, expected):
+    """fold tracks dims through reductions (PP-OCR's LayerNorms sit behind computed Reshapes)."""
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.passes.fold import _Sym, _reduce_dims
+    x = gs.Variable("x", np.float32, ["N", "S", 8])
+    inputs = [x]
+    attrs = {"keepdims": keepdims}
+    from_input = opset >= 18 or (op == "ReduceSum" and opset >= 13)
+    if from_input and axes is not None:
+        inputs.append(gs.Constant("axes", np.array(axes, np.int64)))
+    elif axes is not None:
+        attrs["axes"] = axes
+    node = gs.Node(op, inputs=inputs, outputs=[gs.Variable("y")], attrs=attrs)
+    dims = [_Sym(("param", "N")), _Sym(("param", "S")), 8]
+
+    def value(t):
+        return ([int(v) for v in t.values.reshape(-1)], False) if isinstance(t, gs.Constant) else None
+
+    got = _reduce_dims(node, dims, value, opset)
+    assert [d.key[1] if isinstance(d, _Sym) else d for d in got] == expected
