@@ -599,11 +599,14 @@ def fold_shapes(graph: gs.Graph, names: Names) -> Counter:
         if node.domain not in STANDARD_DOMAINS or not node.outputs:
             continue
         out = node.outputs[0]
-        if node.op == "Reshape" and len(node.inputs) == 2 and not is_constant(node.inputs[1]):
-            target = value(node.inputs[1])  # resolved first, so the output's dims follow from it
+        inferred = _infer_dims(node, dims_of, value, version)
+        computed_target = node.op == "Reshape" and len(node.inputs) == 2 and not is_constant(node.inputs[1])
+        if computed_target:
+            target = value(node.inputs[1])
             if target is not None and _resolve_reshape(node, target[0], dims_of(node.inputs[0]), names):
                 counts["reshape_shapes_resolved"] += 1
-        inferred = _infer_dims(node, dims_of, value, version)
+                if inferred is None or None in inferred:  # the constant target may tell more
+                    inferred = _infer_dims(node, dims_of, value, version)
         if inferred is not None:
             declared = _dims(out)
             if declared is not None and len(declared) == len(inferred):
@@ -620,7 +623,7 @@ def fold_shapes(graph: gs.Graph, names: Names) -> Counter:
                     and bypass(graph, node, node.inputs[0], outs, local)):
                 counts["noop_expand_removed"] += 1
                 continue
-        if node.op == "Reshape":
+        if computed_target:
             continue
         result = _propagate(node, value, dims_of, version)
         if result is None:

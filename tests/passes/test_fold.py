@@ -377,6 +377,22 @@ def test_exporter_reshape_pattern_resolved():
     assert_same_outputs(m, out, {"x": np.random.default_rng(1).standard_normal((3, 3, 4)).astype(np.float32)})
 
 
+def test_shape_values_tracked_through_a_reshape_with_a_constant_target():
+    """Shape(x) reshaped to [-1] (torch's legacy exporter does this) still carries x's dims."""
+    m = model(f"""
+    g (float[N,3,4] x) => (float[N,12] y) <{SHAPE_CHAIN_INITS}> {{
+        s = Shape(x)
+        f = Reshape(s, m1)
+        d = Gather(f, i0)
+        u = Unsqueeze(d, ax)
+        t = Concat<axis = 0>(u, m1)
+        r = Reshape(x, t)
+        y = Relu(r)
+    }}""")
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}
+    check(m, {"reshape_shapes_resolved": 1}, ["Reshape", "Relu"], feeds=feeds)
+
+
 def test_exporter_reshape_pattern_with_two_dynamic_dims():
     # [N,S,8] -> [N,S,2,4] through a MatMul, whose output dims follow from its inputs'.
     m = model(f"""
