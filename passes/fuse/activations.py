@@ -92,10 +92,12 @@ def _gelu_tanh_patterns():
 
 
 def _gelu_tanh_check(m, env):
-    reason = _scalar_refusal(m)
-    if reason:
-        return reason
-    return env.needs(20, "Gelu") if env.target == "onnx" else _contrib_type_refusal(m)
+    return _scalar_refusal(m) or _op_refusal(m, env, 20, "Gelu")
+
+
+def _op_refusal(m, env, version: int, op: str) -> str | None:
+    """The standard op needs its opset for `onnx`; the contrib op for `ort` its float types."""
+    return env.needs(version, op) if env.target == "onnx" else _contrib_type_refusal(m)
 
 
 def _gelu_tanh(m, env, outputs):
@@ -228,10 +230,7 @@ def _silu_patterns():
 
 
 def _silu_check(m, env):
-    reason = _scalar_refusal(m)
-    if reason:
-        return reason
-    return env.needs(24, "Swish") if env.target == "onnx" else _contrib_type_refusal(m)
+    return _scalar_refusal(m) or _op_refusal(m, env, 24, "Swish")
 
 
 def _silu(m, env, outputs):
