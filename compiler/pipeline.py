@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UsageError
-from .graph import Model
+from .graph import Model, cleanup
 
 # The canonical order of the pass families; passes declare it through `after`.
 CANONICAL = ("fold", "cleanup", "fuse", "prune", "quant", "partition")
@@ -165,13 +165,13 @@ def run_passes(model: Model, names: list[str], options: dict[str, Any], ctx: Con
         p = known[name](options.get(name))
         start = time.perf_counter()
         before = count_nodes(model.graph, functions=True)
-        model.graph.cleanup(remove_unused_graph_inputs=False)
+        cleanup(model.graph)
         dead = before - count_nodes(model.graph, functions=True)
         counts = Counter(p.run(model, ctx) or {})
         counts["dead_nodes_removed"] += dead
         # mode="nodes": gs's function-list sort recurses forever when the graph has both subgraphs
         # and functions (onnx-graphsurgeon 0.6.1, Graph.toposort.get_used_funcs); ONNX needs no order there
-        model.graph.cleanup(remove_unused_graph_inputs=False).toposort(mode="nodes")
+        cleanup(model.graph).toposort(mode="nodes")
         seconds = time.perf_counter() - start
         record = PassRecord(name, {k: int(v) for k, v in counts.items() if v}, seconds, count_nodes(model.graph))
         if after_each:

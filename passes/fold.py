@@ -18,6 +18,7 @@ untouched. Initializers that are also graph inputs (overridable) are never treat
 from __future__ import annotations
 
 from collections import Counter
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +27,8 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxopt.graph import (
-    NONDETERMINISTIC, STANDARD_DOMAINS, Names, all_graphs, bypass, const_value, is_constant, materialize_constant_nodes,
-    opset, output_tensors, replace_uses, subgraphs, values,
+    NONDETERMINISTIC, STANDARD_DOMAINS, Names, all_graphs, bypass, cleanup, const_value, is_constant,
+    materialize_constant_nodes, opset, output_tensors, replace_uses, subgraphs, values,
 )
 from onnxopt.pipeline import Pass
 
@@ -76,7 +77,7 @@ class FoldPass(Pass):
                     changed += sum(weight_counts.values())
             if not changed:
                 break
-            graph.cleanup(remove_unused_graph_inputs=False)
+            cleanup(graph)
         return counts
 
 
@@ -130,7 +131,7 @@ def _size_known_small(node: gs.Node, inputs, size_limit: int) -> bool:
                 return False
             return True  # unknown: evaluate, then the cap decides
         itemsize = np.dtype(t.dtype).itemsize if t.dtype is not None and not isinstance(t.dtype, int) else 8
-        sizes.append(int(np.prod(t.shape, dtype=np.int64)) * itemsize)
+        sizes.append(math.prod(t.shape) * itemsize)
     freed = sum(v.nbytes for t, v in zip(node.inputs, inputs) if v is not None and all(c is node for c in t.outputs))
     return sum(sizes) <= max(size_limit, freed)
 
@@ -526,8 +527,8 @@ def _quotient(total: list, part: list):
                 return None
             rest.remove(d)
     syms = [d for d in rest if not isinstance(d, int)]
-    num = int(np.prod([d for d in rest if isinstance(d, int)], dtype=np.int64))
-    den = int(np.prod([d for d in part if isinstance(d, int)], dtype=np.int64))
+    num = math.prod(d for d in rest if isinstance(d, int))
+    den = math.prod(d for d in part if isinstance(d, int))
     if den == 0 or num % den:
         return None
     if not syms:
@@ -538,7 +539,7 @@ def _quotient(total: list, part: list):
 def _product(dims: list):
     """The product of dims when it is an int, or the only non-1 symbol; else None."""
     syms = [d for d in dims if not isinstance(d, int)]
-    ints = int(np.prod([d for d in dims if isinstance(d, int)], dtype=np.int64))
+    ints = math.prod(d for d in dims if isinstance(d, int))
     if not syms:
         return ints
     return syms[0] if len(syms) == 1 and ints == 1 else None
@@ -590,7 +591,7 @@ def fold_shapes(graph: gs.Graph, names: Names) -> Counter:
             return known[id(t)]
         if not (isinstance(t, gs.Constant) and t.shape is not None and len(t.shape) <= 1
                 and not isinstance(t.dtype, int)  # gs's dtype is the ONNX type number where numpy has none
-                and np.dtype(t.dtype).kind in "iu" and int(np.prod(t.shape)) <= 64):
+                and np.dtype(t.dtype).kind in "iu" and math.prod(t.shape) <= 64):
             return None  # look only at small integer vectors, never load weights
         c = const_value(t)
         return ([int(v) for v in c.reshape(-1)], c.ndim == 0) if c is not None else None

@@ -10,14 +10,15 @@ reports, per rule, the near-misses and why they were refused.
 from __future__ import annotations
 
 from collections import Counter
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import UsageError
-from onnxopt.graph import (Names, all_graphs, is_constant, materialize_constant_nodes, output_tensors, raise_opset,
-                           values)
+from onnxopt.graph import (Names, all_graphs, cleanup, is_constant, materialize_constant_nodes, output_tensors,
+                           raise_opset, values)
 from onnxopt.pattern import internal_uses_refusal, match_node, weight_input_refusal
 from onnxopt.passes.cleanup import merge_duplicate_constants
 from onnxopt.pipeline import Pass
@@ -56,7 +57,7 @@ class Env:
             return gs.Constant(self.names.new(base), array)
         if "constants" not in self.cache:
             self.cache["constants"] = {_key(values(t)): t for t in self.graph.tensors().values()
-                                       if is_constant(t) and int(np.prod(t.shape)) <= 64}
+                                       if is_constant(t) and math.prod(t.shape) <= 64}
         known = self.cache["constants"]
         if _key(array) not in known:
             known[_key(array)] = gs.Constant(self.names.new(base), array)
@@ -163,7 +164,7 @@ class FusePass(Pass):
                 wanted = max(wanted, env.wanted)
             if not changed:
                 break
-            graph.cleanup(remove_unused_graph_inputs=False).toposort(mode="nodes")
+            cleanup(graph).toposort(mode="nodes")
         return wanted
 
 
