@@ -29,6 +29,7 @@ __all__ = ["optimize", "Result", "Pass", "Context", "registry", "OnnxoptError", 
 __version__ = "0.1.0"
 
 VERIFY_MODES = ("none", "final", "each")
+LOSSY_BUDGETS = {"fp16": 0.999, "mixed": 0.999}  # default --min-cosine per quant mode (else 0.99)
 
 
 @dataclass
@@ -64,10 +65,15 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
              passes=("fold", "cleanup"), *, verify: str = "final", inputs: dict | str | None = None,
              input_shapes: dict | list | None = None, options: dict | list | None = None, target: str = "onnx",
              max_opset: int | None = None, external_data: bool | None = None, calibration_data=None,
-             explain: bool = False,
+             quant: str | None = None, min_cosine: float | None = None, explain: bool = False,
              progress: Callable[[str], None] | None = None) -> Result:
     """Run the selected passes on a model file or ModelProto, verify, and write `output` atomically.
 
+    quant: the quant pass's mode (fp16; the other modes of issue 4 are not built yet).
+    calibration_data: an .npz (one array per input, first axis = samples), a folder of .npz files
+    (one sample each), or an iterable of feed dicts.
+    min_cosine: the error budget of lossy passes: every output's cosine against the original
+    (default 0.999 for fp16, else 0.99).
     max_opset: the opset a pass may raise the model to when a fused operator needs it (None:
     the model's opset is kept).
     explain: passes record why near-misses were not rewritten (Result.explain).
@@ -85,6 +91,12 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     if verify not in VERIFY_MODES:
         raise UsageError(f"bad --verify {verify!r}: expected one of {', '.join(VERIFY_MODES)}")
     shapes = _input_shapes(input_shapes)
+    if quant is not None and "quant" not in ordered:
+        raise UsageError(f"--quant {quant} needs the quant pass in --passes")
+    if "quant" in ordered and quant is None:
+        raise UsageError("the quant pass needs --quant MODE (fp16)")
+    if min_cosine is not None and not 0.0 < min_cosine <= 1.0:
+        raise UsageError(f"bad --min-cosine {min_cosine}: expected a number in (0, 1]")
     if max_opset is not None and not 1 <= max_opset <= onnx.defs.onnx_opset_version():
         raise UsageError(f"bad --max-opset {max_opset}: this onnx knows opsets 1 to {onnx.defs.onnx_opset_version()}")
     given = verification.load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
@@ -109,9 +121,14 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     m = import_model(proto)
     before = {"nodes": count_nodes(m.graph), "params": count_params(m.graph), "size": size_before}
     notes: list[str] = []
-    ctx = Context(target=target, max_opset=max_opset, calibration_data=calibration_data, inputs=given, explain=explain, log=notes.append)
+    samples = verification.load_calibration(calibration_data, m.graph) if calibration_data is not None else None
+    budget = min_cosine if min_cosine is not None else LOSSY_BUDGETS.get(quant, 0.99)
+    ctx = Context(target=target, max_opset=max_opset, quant=quant, min_cosine=budget, calibration_data=samples,
+                  inputs=given, explain=explain, log=notes.append)
+    if given is None and samples:
+        given = samples[-1]  # real data verifies better than generated inputs
 
-    check = _Checker(verify, m, shapes, given, in_path, proto, say)
+    check = _Checker(verify, m, shapes, given, in_path, proto, say, budget)
     each = functools.partial(check.after_pass, m=m) if verify == "each" else None
     records = run_passes(m, ordered, pass_options, ctx, after_each=each,
                          progress=lambda i, n, name: say(f"[{i + 1}/{n}] {name}"))
@@ -174,8 +191,8 @@ def _option_items(options) -> list[str]:
 class _Checker:
     """Verification state: reference outputs, the previous stage's outputs, the metrics."""
 
-    def __init__(self, mode, m: Model, shapes, given, in_path, proto, say):
-        self.mode, self.say = mode, say
+    def __init__(self, mode, m: Model, shapes, given, in_path, proto, say, budget: float = 0.99):
+        self.mode, self.say, self.budget = mode, say, budget
         self.reference = None
         self.previous = None
         self.skipped = "--verify none" if mode == "none" else None
@@ -209,9 +226,9 @@ class _Checker:
             except (verification.RuntimeUnavailable, verification.RunFailed) as e:
                 raise VerificationError(f"pass {p.name!r} produced a model onnxruntime cannot run: {e}",
                                         pass_name=p.name) from None
-        metrics = verification.compare(self.previous, got, p.tolerance)
+        metrics = verification.compare(self.previous, got, p.tolerance, self.budget)
         record.verification = [x.as_dict() for x in metrics]
-        _raise_if_bad(metrics, f"pass {p.name!r}", p.name)
+        _raise_if_bad(metrics, f"pass {p.name!r}", p.name, p.tolerance, self.budget)
         self.previous = got
 
     def final(self, path: str, ordered: list[str]) -> None:
@@ -222,10 +239,11 @@ class _Checker:
             got = verification.run_model(path, self.feeds)
         except (verification.RuntimeUnavailable, verification.RunFailed) as e:
             raise VerificationError(f"the optimized model cannot run on onnxruntime: {e}") from None
-        metrics = verification.compare(self.reference, got, _tolerance(ordered))
+        tolerance = _tolerance(ordered)
+        metrics = verification.compare(self.reference, got, tolerance, self.budget)
         self.outputs = [x.as_dict() for x in metrics]
         label = f"pass {ordered[0]!r}" if len(ordered) == 1 else f"passes {','.join(ordered)}"
-        _raise_if_bad(metrics, label, ordered[0] if len(ordered) == 1 else None)
+        _raise_if_bad(metrics, label, ordered[0] if len(ordered) == 1 else None, tolerance, self.budget)
 
     def summary(self) -> dict:
         return {"mode": self.mode, "skipped": self.skipped, "outputs": self.outputs}
@@ -237,13 +255,20 @@ def _tolerance(ordered: list[str]) -> str:
     return "lossy" if "lossy" in kinds else "fp32" if "fp32" in kinds else "exact"
 
 
-def _raise_if_bad(metrics, label: str, pass_name: str | None) -> None:
-    for x in metrics:
-        if not x.ok:
-            detail = x.note or f"max abs err {x.max_abs:.3g}, max rel err {x.max_rel:.3g}, cosine {x.cosine:.6f}"
-            raise VerificationError(f"{label} changed output {x.name!r}: {detail} "
-                                    "(tolerance rtol 1e-4 / atol 1e-5); nothing was written",
-                                    pass_name=pass_name, output=x.name)
+def _raise_if_bad(metrics, label: str, pass_name: str | None, tolerance: str = "fp32",
+                  budget: float = 0.99) -> None:
+    bad = [x for x in metrics if not x.ok]
+    if not bad:
+        return
+    if tolerance == "lossy":  # every output that missed the budget, and by how much
+        detail = "; ".join(f"{x.name!r} {x.note or f'cosine {x.cosine:.6f}'}" for x in bad)
+        raise VerificationError(f"{label} missed the error budget (cosine >= {budget}): {detail}; "
+                                "nothing was written", pass_name=pass_name, output=bad[0].name)
+    x = bad[0]
+    detail = x.note or f"max abs err {x.max_abs:.3g}, max rel err {x.max_rel:.3g}, cosine {x.cosine:.6f}"
+    raise VerificationError(f"{label} changed output {x.name!r}: {detail} "
+                            "(tolerance rtol 1e-4 / atol 1e-5); nothing was written",
+                            pass_name=pass_name, output=x.name)
 
 
 def _localize(model, ordered, pass_options, ctx, shapes, given, say) -> None:
@@ -251,7 +276,7 @@ def _localize(model, ordered, pass_options, ctx, shapes, given, say) -> None:
     say("finding the pass that changed the outputs")
     proto = io.load_model(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else model
     m = import_model(proto)
-    check = _Checker("each", m, shapes, given, None, proto, say)
+    check = _Checker("each", m, shapes, given, None, proto, say, ctx.min_cosine or 0.99)
     run_passes(m, ordered, pass_options, ctx, after_each=lambda p, r: check.after_pass(p, r, m))
     # No pass failed on its own: the caller re-raises the original error.
 

@@ -46,6 +46,8 @@ class Context:
 
     target: str = "onnx"
     max_opset: int | None = None  # a pass may raise the default-domain opset up to this (None: never)
+    quant: str | None = None  # the quant pass's mode (--quant)
+    min_cosine: float | None = None  # the error budget of lossy passes (--min-cosine)
     calibration_data: list[dict] | None = None
     inputs: dict | None = None
     device: dict = field(default_factory=dict)

@@ -4,5 +4,6 @@
 from .cleanup import CleanupPass
 from .fold import FoldPass
 from .fuse import FusePass
+from .quant import QuantPass
 
-PASSES = [FoldPass, CleanupPass, FusePass]
+PASSES = [FoldPass, CleanupPass, FusePass, QuantPass]
