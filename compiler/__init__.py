@@ -21,7 +21,7 @@ import onnx
 from . import io
 from . import verify as verification
 from .errors import ModelError, OnnxoptError, UsageError, VerificationError
-from .graph import Model, count_nodes, count_params, export_model, import_model
+from .graph import Model, constant_bytes, count_nodes, count_params, export_model, import_model
 from .pipeline import Context, Pass, PassRecord, order_passes, parse_options, parse_pass_list, registry, run_passes
 
 __all__ = ["optimize", "Result", "Pass", "Context", "registry", "OnnxoptError", "UsageError", "ModelError",
@@ -108,8 +108,22 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     if out_path is not None:
         io.check_output_path(in_path, out_path)
     say("loading")
+    early: dict = {}  # set when the reference run happened before the weights were read
+
+    def prepare(graph, proto_for_runtime):
+        """Calibration samples, verification inputs and the reference run: from the full graph, or
+        from the model without its external data (the reference run reads the file itself)."""
+        samples = verification.load_calibration(calibration_data, graph) if calibration_data is not None else None
+        feeds = given if given is not None or not samples else samples[-1]  # real data verifies better
+        check = _Checker(verify, graph, shapes, feeds, in_path, proto_for_runtime, say, budget)
+        return samples, feeds, check
+
+    budget = min_cosine if min_cosine is not None else LOSSY_BUDGETS.get(quant, 0.99)
     if in_path is not None:
-        proto, size_before = io.load_model_sized(in_path)
+        def before_data(skeleton):
+            early["prepared"] = prepare(import_model(skeleton).graph, None)
+
+        proto, size_before = io.load_model_sized(in_path, before_data=before_data)
     elif isinstance(model, onnx.ModelProto):
         io.check_model(model)
         io.check_types(model)
@@ -121,31 +135,31 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     m = import_model(proto)
     before = {"nodes": count_nodes(m.graph), "params": count_params(m.graph), "size": size_before}
     notes: list[str] = []
-    samples = verification.load_calibration(calibration_data, m.graph) if calibration_data is not None else None
-    budget = min_cosine if min_cosine is not None else LOSSY_BUDGETS.get(quant, 0.99)
+    samples, given, check = early.get("prepared") or prepare(m.graph, proto)
     ctx = Context(target=target, max_opset=max_opset, quant=quant, min_cosine=budget, calibration_data=samples,
                   inputs=given, explain=explain, log=notes.append)
-    if given is None and samples:
-        given = samples[-1]  # real data verifies better than generated inputs
-
-    check = _Checker(verify, m, shapes, given, in_path, proto, say, budget)
     each = functools.partial(check.after_pass, m=m) if verify == "each" else None
     records = run_passes(m, ordered, pass_options, ctx, after_each=each,
                          progress=lambda i, n, name: say(f"[{i + 1}/{n}] {name}"))
     after_nodes, after_params = count_nodes(m.graph), count_params(m.graph)
     say("exporting")
-    out_model = export_model(m)
+    pending = None
+    written: list[str] = []
+    if out_path is not None:
+        # the weights stream straight to the file as the model is built: into the data file over
+        # 2 GB (or when asked), else after the rest of the single file
+        external = bool(external_data) or constant_bytes(m.graph) >= io.PROTOBUF_LIMIT
+        pending = io.PendingOutput.streamed(functools.partial(export_model, m), out_path, external)
+        out_model = None
+    else:
+        out_model = export_model(m)
     del m, proto, each  # the input's tensors are no longer needed: keep memory near one model
     if size_before and size_before > 64 << 20:
         gc.collect()  # the graph's nodes and tensors reference each other: free a big one now
 
-    pending = None
-    written: list[str] = []
     try:
-        if out_path is not None:
-            pending = io.PendingOutput(out_model, out_path, external_data)
-            out_model = None
-            io.check_model(path=pending.tmp_model)
+        if pending is not None:
+            pending.check()
             check.final(pending.tmp_model, ordered)
             written = pending.commit()
             pending = None
@@ -191,7 +205,7 @@ def _option_items(options) -> list[str]:
 class _Checker:
     """Verification state: reference outputs, the previous stage's outputs, the metrics."""
 
-    def __init__(self, mode, m: Model, shapes, given, in_path, proto, say, budget: float = 0.99):
+    def __init__(self, mode, graph, shapes, given, in_path, proto, say, budget: float = 0.99):
         self.mode, self.say, self.budget = mode, say, budget
         self.reference = None
         self.previous = None
@@ -199,7 +213,7 @@ class _Checker:
         self.outputs: list[dict] = []
         if mode == "none":
             return
-        self.feeds = verification.make_inputs(m.graph, shapes, given)
+        self.feeds = verification.make_inputs(graph, shapes, given)
         say("running the original model")
         try:
             if in_path is not None:
@@ -276,7 +290,7 @@ def _localize(model, ordered, pass_options, ctx, shapes, given, say) -> None:
     say("finding the pass that changed the outputs")
     proto = io.load_model(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else model
     m = import_model(proto)
-    check = _Checker("each", m, shapes, given, None, proto, say, ctx.min_cosine or 0.99)
+    check = _Checker("each", m.graph, shapes, given, None, proto, say, ctx.min_cosine or 0.99)
     run_passes(m, ordered, pass_options, ctx, after_each=lambda p, r: check.after_pass(p, r, m))
     # No pass failed on its own: the caller re-raises the original error.
 

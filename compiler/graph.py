@@ -190,17 +190,19 @@ def _used_names(graph: onnx.GraphProto) -> set[str]:
     return used
 
 
-def export_model(m: Model) -> onnx.ModelProto:
+def export_model(m: Model, sink=None) -> onnx.ModelProto:
     """Build the ModelProto: graph from the IR, model-level fields and opset imports from the input.
 
     Written straight into one new ModelProto so each weight is copied once (gs.export_onnx and
-    onnx.helper.make_model would copy every tensor twice more).
+    onnx.helper.make_model would copy every tensor twice more). With a `sink` (io.DataSink),
+    tensors of its threshold size or more are streamed to its external-data file instead and the
+    proto holds only their references: the weights are then never in memory twice.
     """
     graph = m.graph
     out = onnx.ModelProto()
     _copy_model_fields(m.meta, out)  # metadata, doc string, producer, IR version, opsets...
     out.graph.metadata_props.extend(m.meta.graph.metadata_props)
-    _export_graph(graph, out.graph, m.value_info_names, frozenset())
+    _export_graph(graph, out.graph, m.value_info_names, frozenset(), sink)
     out.functions.extend(OnnxExporter.export_function(f) for f in graph.functions)
     have = {o.domain for o in out.opset_import}
     out.opset_import.extend(o for o in update_import_domains(graph) if o.domain not in have)  # new domains
@@ -224,7 +226,8 @@ def _unique_node_names(graph: onnx.GraphProto, used: set[str]) -> None:
         _unique_node_names(sub, used)
 
 
-def _export_graph(graph: gs.Graph, dst: onnx.GraphProto, keep: set[str], outer: frozenset = frozenset()) -> None:
+def _export_graph(graph: gs.Graph, dst: onnx.GraphProto, keep: set[str], outer: frozenset = frozenset(),
+                  sink=None) -> None:
     """Write a graph into `dst`. Constants already written by an enclosing graph (`outer`: their
     ids) are read from there, not written again into a subgraph; value_info is written only for
     names the input had (inferred shapes are for the passes, not for the output file)."""
@@ -242,11 +245,13 @@ def _export_graph(graph: gs.Graph, dst: onnx.GraphProto, keep: set[str], outer: 
     for t in mine.values():
         if isinstance(t._values, SparseValues):
             dst.sparse_initializer.append(OnnxExporter.export_sparse_tensor_proto(t))
+        elif sink is not None and sink.takes(t):
+            sink.write(dst.initializer.add(), t)
         else:
             dst.initializer.add().CopyFrom(OnnxExporter.export_tensor_proto(t))  # append fails past 2 GB
     visible = outer | frozenset(mine)
     for node in graph.nodes:
-        dst.node.append(_export_node(node, keep, visible))
+        dst.node.append(_export_node(node, keep, visible, sink))
 
 
 def _constants_owned(graph: gs.Graph, outer: frozenset) -> dict:
@@ -265,7 +270,7 @@ def _constants_owned(graph: gs.Graph, outer: frozenset) -> dict:
     return {i: t for i, t in owned.items() if i not in outer}
 
 
-def _export_node(node: gs.Node, keep: set[str], visible: frozenset) -> onnx.NodeProto:
+def _export_node(node: gs.Node, keep: set[str], visible: frozenset, sink=None) -> onnx.NodeProto:
     proto = onnx.helper.make_node(node.op, [t.name for t in node.inputs], [t.name for t in node.outputs],
                                   name=node.name, domain=node.domain)
     plain = {k: v for k, v in node.attrs.items() if not _is_graph_attr(v)}
@@ -273,11 +278,11 @@ def _export_node(node: gs.Node, keep: set[str], visible: frozenset) -> onnx.Node
     for key, value in node.attrs.items():
         if isinstance(value, gs.Graph):
             attr = proto.attribute.add(name=key, type=onnx.AttributeProto.GRAPH)
-            _export_graph(value, attr.g, keep, visible)
+            _export_graph(value, attr.g, keep, visible, sink if sink is not None and sink.nested else None)
         elif _is_graph_attr(value):
             attr = proto.attribute.add(name=key, type=onnx.AttributeProto.GRAPHS)
             for sub in value:
-                _export_graph(sub, attr.graphs.add(), keep, visible)
+                _export_graph(sub, attr.graphs.add(), keep, visible, sink if sink is not None and sink.nested else None)
     return proto
 
 
@@ -353,8 +358,12 @@ def values(t: gs.Constant) -> np.ndarray:
     """A constant's values without caching them on the tensor: gs's `.values` keeps the loaded
     array, which would double the memory of every weight we look at and stop the exporter from
     reusing the input's TensorProto."""
-    if isinstance(t._values, LazyValues):
+    if isinstance(t._values, SparseValues):
         return t._values.load()
+    if isinstance(t._values, LazyValues):
+        # read-only, over one copy of the bytes (gs's load copies them twice): a weight looked at
+        # costs its size once, and nothing can change the input's tensor by accident
+        return onnx.numpy_helper.to_array(t._values.tensor)
     return np.asarray(t.values)
 
 
@@ -572,3 +581,15 @@ def cleanup(graph: gs.Graph, functions: bool = True) -> gs.Graph:
                 list.extend(side, kept)
     graph.nodes = keep
     return graph
+
+
+def constant_bytes(graph: gs.Graph) -> int:
+    """Bytes of the graph's constants (subgraphs included), from their shapes and types."""
+    total, seen = 0, set()
+    for g in all_graphs(graph):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant) and id(t) not in seen and t.shape is not None:
+                seen.add(id(t))
+                dtype = t.dtype if t.dtype is not None and not isinstance(t.dtype, int) else np.float32
+                total += math.prod(t.shape) * np.dtype(dtype).itemsize
+    return total

@@ -6,9 +6,11 @@ on the onnx-graphsurgeon graph built from the loaded model.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -49,8 +51,12 @@ def load_model(path: str) -> onnx.ModelProto:
     return load_model_sized(path)[0]
 
 
-def load_model_sized(path: str) -> tuple[onnx.ModelProto, int]:
-    """load_model, and the bytes the model takes on disk: its file and its external data files."""
+def load_model_sized(path: str, before_data=None) -> tuple[onnx.ModelProto, int]:
+    """load_model, and the bytes the model takes on disk: its file and its external data files.
+
+    `before_data(model)`, when given and the model keeps its weights in external data, is called
+    once the model is known valid but before those weights are read (the original model's
+    reference run happens there, so onnxruntime's copy and ours are never in memory together)."""
     check_input_path(path)
     try:
         model = onnx.load(path, load_external_data=False)
@@ -67,12 +73,17 @@ def load_model_sized(path: str) -> tuple[onnx.ModelProto, int]:
     locations = {e.value for t in _all_tensors(model) for e in t.external_data if e.key == "location"}
     size = os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, loc)) for loc in locations
                                        if os.path.isfile(os.path.join(folder, loc)))
+    missing = sorted(loc for loc in locations if not os.path.isfile(os.path.join(folder, loc)))
+    if missing:
+        raise ModelError(f"cannot load external data of {path}: no file {missing[0]!r} beside it")
+    check_model(path=path)  # from the file: the checker parses its own copy, so none is serialized here
+    check_types(model, path)  # works without the large tensors' data
+    if locations and before_data is not None:
+        before_data(model)
     try:
         onnx.external_data_helper.load_external_data_for_model(model, folder)
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
         raise ModelError(f"cannot load external data of {path}: {_one_line(e)}") from None
-    check_model(path=path)  # from the file: the checker parses its own copy, so none is serialized here
-    check_types(model, path)
     return model, size
 
 
@@ -194,8 +205,48 @@ class PendingOutput:
     final data file name.
     """
 
+    @classmethod
+    def streamed(cls, build, path: str, external_data: bool) -> "PendingOutput":
+        """An output whose large tensors `build(sink)` streams to the file while it builds the
+        model proto, so the weights are never held twice: into the external-data file, or, for a
+        single-file model, appended after the rest of the serialized model."""
+        self = cls.__new__(cls)
+        self.path = path
+        self.folder = os.path.dirname(os.path.abspath(path))
+        base = os.path.basename(path)
+        self.data_name = base + ".data" if external_data else None
+        self.tmp_model = self.tmp_data = self.model = self.checkable = None
+        try:
+            fd, self.tmp_model = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=self.folder)
+            os.close(fd)
+            if not external_data:
+                sink = InlineSink()
+                self.checkable = build(sink)
+                with open(self.tmp_model, "wb") as f:
+                    sink.finish(self.checkable, f)
+                return self
+            self.tmp_data = self.tmp_model + ".data"
+            location = os.path.basename(self.tmp_data)
+            with open(self.tmp_data, "wb") as f:
+                self.model = build(DataSink(f, location))
+            # what the sink does not see (Constant-node attributes, in functions too) goes after it
+            onnx.external_data_helper.convert_model_to_external_data(
+                self.model, all_tensors_to_one_file=True, location=location, size_threshold=EXTERNAL_THRESHOLD,
+                convert_attribute=True)
+            onnx.external_data_helper.write_external_data_tensors(self.model, self.folder)
+            with open(self.tmp_model, "wb") as f:
+                f.write(self.model.SerializeToString())
+        except OSError as e:
+            self.discard()
+            raise _write_error(path, e) from None
+        except BaseException:
+            self.discard()
+            raise
+        return self
+
     def __init__(self, model: onnx.ModelProto, path: str, external_data: bool | None = None):
         self.path = path
+        self.checkable = None
         self.folder = os.path.dirname(os.path.abspath(path))
         base = os.path.basename(path)
         if external_data is None:
@@ -221,10 +272,20 @@ class PendingOutput:
             self.discard()
             raise
 
+    def check(self) -> None:
+        """onnx.checker on the written model (from the file, or from the proto that stands for a
+        streamed single file, so the weights are not read back)."""
+        if self.checkable is not None:
+            check_model(self.checkable)
+        else:
+            check_model(path=self.tmp_model)
+
     def commit(self) -> list[str]:
         """Move the files into place; returns the paths written."""
         written = [self.path]
         try:
+            if self.tmp_data is not None and os.path.exists(self.tmp_data) and not os.path.getsize(self.tmp_data):
+                os.remove(self.tmp_data)  # streamed, but no tensor was big enough to move
             if self.tmp_data is not None and not os.path.exists(self.tmp_data):
                 self.tmp_data = None  # no tensor was big enough to move: the model is self-contained
             if self.tmp_data is not None:
@@ -249,6 +310,115 @@ class PendingOutput:
         for p in (self.tmp_model, self.tmp_data):
             if p is not None and os.path.exists(p):
                 os.remove(p)
+
+
+class DataSink:
+    """An external-data file tensors are streamed into while the model proto is built
+    (graph.export_model(m, sink)): each tensor's bytes are written once, at a page-aligned
+    offset (onnxruntime can then map them), and the proto keeps only the reference."""
+
+    ALIGN = 4096
+    nested = True  # subgraphs' tensors go to the file too
+
+    def __init__(self, file, location: str):
+        self.file, self.location, self.offset = file, location, 0
+
+    def takes(self, t) -> bool:
+        """Numeric tensors of EXTERNAL_THRESHOLD bytes or more go to the file."""
+        if t.shape is None or t.dtype is None or isinstance(t.dtype, int):
+            return False
+        dtype = np.dtype(t.dtype)
+        return dtype.kind in "biufc" and math.prod(t.shape) * dtype.itemsize >= EXTERNAL_THRESHOLD
+
+    def write(self, proto: onnx.TensorProto, t) -> None:
+        """Fill `proto` with `t`'s name, type and dims and a reference to its bytes in the file."""
+        stub, data = _tensor_parts(t)
+        proto.CopyFrom(stub)
+        pad = -self.offset % self.ALIGN
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        self.file.write(data)
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(len(data)))):
+            proto.external_data.add(key=key, value=value)
+        self.offset += len(data)
+
+
+class InlineSink:
+    """Streams a single-file model: export_model(m, sink) leaves the main graph's large tensors
+    out of the proto (they are noted here), the proto is serialized, and each tensor is then
+    appended as one more `graph { initializer { ... raw_data } }` record, which protobuf parsers
+    merge into the same graph (repeated fields concatenate). The weights are read from their
+    source one at a time and never held twice, where serializing the whole proto would."""
+
+    nested = False  # subgraph tensors stay in the proto
+
+    def __init__(self):
+        self.pending: list[tuple[onnx.TensorProto, object]] = []
+
+    takes = DataSink.takes
+
+    def write(self, proto: onnx.TensorProto, t) -> None:
+        proto.name = t.name  # a placeholder: removed before serializing, written by `finish`
+        self.pending.append((proto, t))
+
+    def finish(self, model: onnx.ModelProto, file) -> None:
+        """Write `model` without the noted tensors, then each of them after it."""
+        names = {p.name for p, _ in self.pending}
+        kept = [t for t in model.graph.initializer if t.name not in names]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        file.write(model.SerializeToString())
+        # the proto now stands for the file for onnx.checker, the appended tensors as graph inputs
+        # of their type and shape (the checker reading the file back would hold the weights twice)
+        listed = {i.name for i in model.graph.input}  # an overridable initializer is already there
+        for _, t in self.pending:
+            stub = _tensor_parts(t, data=False)[0]
+            if stub.name not in listed:
+                model.graph.input.append(onnx.helper.make_tensor_value_info(stub.name, stub.data_type, stub.dims))
+        for _, t in self.pending:
+            stub, data = _tensor_parts(t)
+            tensor = stub.SerializeToString() + _field(9, len(data))  # TensorProto.raw_data
+            graph_field = _field(5, len(tensor) + len(data))  # GraphProto.initializer
+            file.write(_field(7, len(graph_field) + len(tensor) + len(data)))  # ModelProto.graph
+            file.write(graph_field)
+            file.write(tensor)
+            file.write(data)
+            del data  # before the next tensor's bytes are made: one tensor in memory at a time
+        self.pending.clear()
+
+
+def _field(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _tensor_parts(t, data: bool = True) -> tuple[onnx.TensorProto, bytes | None]:
+    """A gs constant as (a TensorProto with its name, type and dims, its raw bytes or None)."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    stub = onnx.TensorProto()
+    stub.name = t.name
+    stub.dims.extend(int(d) for d in t.shape)
+    source = t._values.tensor if isinstance(t._values, LazyValues) else None
+    if source is not None and source.HasField("raw_data"):
+        stub.data_type = source.data_type
+        return stub, source.raw_data if data else None  # the input's own bytes: no conversion
+    if not data:
+        stub.data_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+        return stub, None
+    array = np.ascontiguousarray(t.values)
+    stub.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    return stub, array.tobytes()
 
 
 def save_model(model: onnx.ModelProto, path: str, external_data: bool | None = None) -> list[str]:

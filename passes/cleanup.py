@@ -250,10 +250,9 @@ def merge_duplicate_constants(graph: gs.Graph) -> int:
             continue
         seen: dict[bytes, list[gs.Constant]] = defaultdict(list)
         for t in group:
-            data = values(t)
-            key = _fingerprint(data)
+            key = _fingerprint(values(t))  # the values are dropped at once: one tensor in memory at a time
             for other in seen[key]:
-                if _same_bytes(data, values(other)):
+                if _same_bytes(values(t), values(other)):
                     replace_uses(t, other)
                     merged += 1
                     break

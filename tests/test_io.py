@@ -554,3 +554,25 @@ def test_write_failure_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OnnxoptError, match=r"cannot write output .*out\.onnx: No space left on device"):
         io.save_model(_weighted(64), str(tmp_path / "out.onnx"), external_data=True)
     assert os.listdir(tmp_path) == []
+
+
+def test_single_file_output_streams_large_tensors_after_the_model(tmp_path):
+    """Tensors of 1 KiB or more are appended after the serialized model as extra graph records
+    (protobuf merges them into the one graph): the file loads, passes the checker and holds every
+    initializer with its values, in a deterministic order."""
+    big = np.arange(64 * 8, dtype=np.float32).reshape(64, 8) / 100
+    m = from_text(HEADER + """g (float[2,64] x) => (float[2,8] y) <float[8] b = {1, 2, 3, 4, 5, 6, 7, 8}> {
+        h = MatMul(x, w)
+        y = Add(h, b)
+    }""", check=False)
+    m.graph.initializer.append(onnx.numpy_helper.from_array(big, "w"))
+    onnx.save(m, tmp_path / "in.onnx")
+    onnxopt.optimize(tmp_path / "in.onnx", tmp_path / "out.onnx", passes=["cleanup"])
+    onnxopt.optimize(tmp_path / "in.onnx", tmp_path / "again.onnx", passes=["cleanup"])
+    assert (tmp_path / "out.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()
+    out = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+    assert [t.name for t in out.graph.initializer] == ["b", "w"]  # the streamed one last
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(out.graph.initializer[1]), big)
+    assert [i.name for i in out.graph.input] == ["x"]
+    assert sorted(os.listdir(tmp_path)) == ["again.onnx", "in.onnx", "out.onnx"]

@@ -83,21 +83,25 @@ def convert_to_fp16(graph: gs.Graph, opset: int, names: Names, keep_io_types: bo
     opsets[""] = opset
     opsets.pop("ai.onnx", None)
     const_nodes = {id(n.outputs[0]): n for n in graph.nodes if n.op in SOURCES and len(n.outputs) == 1}
-    cache: dict[int, np.ndarray | None] = {}
+    tops: dict[int, float | None] = {}  # per constant, its largest finite |x| (never the values: memory)
 
-    def const(t):  # float32 values of an initializer or a main-graph Constant node's output
-        if id(t) not in cache:
-            node = const_nodes.get(id(t))
-            v = constant_node_value(node) if node is not None else values(t) if is_constant(t) else None
-            cache[id(t)] = v if v is not None and v.dtype == np.float32 else None
-        return cache[id(t)]
+    def const(t):  # float32 values of an initializer or a main-graph Constant node's output (read afresh)
+        node = const_nodes.get(id(t))
+        v = constant_node_value(node) if node is not None else values(t) if is_constant(t) else None
+        return v if v is not None and v.dtype == np.float32 else None
+
+    def top(t):  # the largest finite |x| of a float32 constant, None when t is not one
+        if id(t) not in tops:
+            v = const(t)
+            tops[id(t)] = None if v is None else _max_finite_abs(v)
+        return tops[id(t)]
 
     plans: dict[int, _Plan] = {}
     local_functions = {(f.domain, f.name) for f in graph.functions}
     for i, node in enumerate(graph.nodes):
         if node.op in SOURCES or node.op in FLEXIBLE:
             continue
-        plan, reason = _decide(node, opset, opsets, block, probed, const, report, local_functions)
+        plan, reason = _decide(node, opset, opsets, block, probed, top, report, local_functions)
         if reason:
             report.kept[_label(node, i)] = reason
         elif plan:
@@ -176,10 +180,9 @@ def convert_to_fp16(graph: gs.Graph, opset: int, names: Names, keep_io_types: bo
         is_input = any(x is t for x in graph.inputs)
         native16 = (producer is not None and id(producer) in plans) or (
             is_input and not keep_io_types and not isinstance(t, gs.Constant))
-        value = None if native16 else const(t)
-        if value is not None:  # a constant (initializer or Constant node)
-            if u16:
-                _convert_constant(t, value, u16, u32, anyt, names, report)
+        if not native16 and top(t) is not None:  # a float32 constant (initializer or Constant node)
+            if u16:  # its values are read here, one constant at a time
+                _convert_constant(t, const(t), u16, u32, anyt, names, report)
                 if not u32 and id(t) in const_nodes:
                     dead_sources.add(id(const_nodes[id(t)]))
         elif native16:
@@ -242,7 +245,7 @@ def _label(node: gs.Node, index: int) -> str:
     return node.name or f"{node.op}#{index}"
 
 
-def _decide(node, opset, opsets, block, probed, const, report, local_functions):
+def _decide(node, opset, opsets, block, probed, top, report, local_functions):
     """(plan, None) for an fp16 node, (None, reason) for one kept float32, (None, None) when the
     node has no float32 computation to convert."""
     domain = node.domain or ""
@@ -265,17 +268,25 @@ def _decide(node, opset, opsets, block, probed, const, report, local_functions):
         if reason or plan is None:
             return None, reason
     for k in sorted(plan.inputs):
-        v = const(node.inputs[k])
-        if v is not None and v.size:
-            finite = np.abs(v[np.isfinite(v)])
-            top = float(finite.max()) if finite.size else 0.0
-            if top > FP16_MAX:
-                report.out_of_range[node.inputs[k].name] = top
-                return None, f"constant {node.inputs[k].name} out of float16 range (max |x| = {top:.4g})"
+        biggest = top(node.inputs[k])
+        if biggest is not None and biggest > FP16_MAX:
+            report.out_of_range[node.inputs[k].name] = biggest
+            return None, f"constant {node.inputs[k].name} out of float16 range (max |x| = {biggest:.4g})"
     refusal = _probe(node, plan, opsets, probed)
     if refusal:
         return None, f"no float16 kernel: {refusal}"
     return plan, None
+
+
+def _max_finite_abs(v: np.ndarray, chunk: int = 1 << 22) -> float:
+    """max |x| over the finite elements, a chunk at a time (no full-size temporaries)."""
+    flat, best = v.reshape(-1), 0.0
+    for i in range(0, flat.size, chunk):
+        part = np.abs(flat[i:i + chunk])
+        part = part[np.isfinite(part)]
+        if part.size:
+            best = max(best, float(part.max()))
+    return best
 
 
 def _schema_plan(node, opset):
