@@ -123,7 +123,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         def before_data(skeleton):
             early["prepared"] = prepare(import_model(skeleton).graph, None)
 
-        proto, size_before = io.load_model_sized(in_path, before_data=before_data)
+        proto, size_before = io.load_model_sized(in_path, before_data=before_data, keep_external=True)
     elif isinstance(model, onnx.ModelProto):
         io.check_model(model)
         io.check_types(model)
@@ -132,7 +132,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     else:
         raise UsageError(f"model must be a path or an onnx.ModelProto, not {type(model).__name__}")
 
-    m = import_model(proto)
+    m = import_model(proto, base_dir=os.path.dirname(os.path.abspath(in_path)) if in_path is not None else None)
     before = {"nodes": count_nodes(m.graph), "params": count_params(m.graph), "size": size_before}
     notes: list[str] = []
     samples, given, check = early.get("prepared") or prepare(m.graph, proto)

@@ -89,8 +89,12 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
     return math.prod(t.dims) * itemsize
 
 
-def import_model(model: onnx.ModelProto, shapes: bool = True) -> Model:
-    """Build the graph IR from a ModelProto. The proto's tensors are shared, not copied."""
+EXTERNAL_BASE = "_onnxopt_external_base"  # on a LazyValues whose tensor's data is still in a file
+
+
+def import_model(model: onnx.ModelProto, shapes: bool = True, base_dir: str | None = None) -> Model:
+    """Build the graph IR from a ModelProto. The proto's tensors are shared, not copied; tensors
+    whose data is still in external files (base_dir: the model's folder) are read when looked at."""
     value_info_names = _value_info_names(model.graph)
     n_value_info = len(model.graph.value_info)
     dropped = _unused_initializers(model.graph)
@@ -108,6 +112,12 @@ def import_model(model: onnx.ModelProto, shapes: bool = True) -> Model:
     graph.import_domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
     if model.ir_version >= 4:  # before IR 4 all initializers are inputs: export lists them again
         _restore_initializer_inputs(model.graph, graph)
+    if base_dir is not None:
+        for g in all_graphs(graph):
+            for t in g.tensors().values():
+                if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and \
+                        onnx.external_data_helper.uses_external_data(t._values.tensor):
+                    setattr(t._values, EXTERNAL_BASE, base_dir)
     meta = onnx.ModelProto()
     _copy_model_fields(model, meta)
     meta.graph.metadata_props.extend(model.graph.metadata_props)
@@ -248,7 +258,10 @@ def _export_graph(graph: gs.Graph, dst: onnx.GraphProto, keep: set[str], outer: 
         elif sink is not None and sink.takes(t):
             sink.write(dst.initializer.add(), t)
         else:
-            dst.initializer.add().CopyFrom(OnnxExporter.export_tensor_proto(t))  # append fails past 2 GB
+            proto = dst.initializer.add()  # append fails past 2 GB
+            proto.CopyFrom(OnnxExporter.export_tensor_proto(t))
+            if onnx.external_data_helper.uses_external_data(proto) and hasattr(t._values, EXTERNAL_BASE):
+                onnx.external_data_helper.load_external_data_for_tensor(proto, getattr(t._values, EXTERNAL_BASE))
     visible = outer | frozenset(mine)
     for node in graph.nodes:
         dst.node.append(_export_node(node, keep, visible, sink))
@@ -363,7 +376,7 @@ def values(t: gs.Constant) -> np.ndarray:
     if isinstance(t._values, LazyValues):
         # read-only, over one copy of the bytes (gs's load copies them twice): a weight looked at
         # costs its size once, and nothing can change the input's tensor by accident
-        return onnx.numpy_helper.to_array(t._values.tensor)
+        return onnx.numpy_helper.to_array(t._values.tensor, getattr(t._values, EXTERNAL_BASE, ""))
     return np.asarray(t.values)
 
 

@@ -51,12 +51,14 @@ def load_model(path: str) -> onnx.ModelProto:
     return load_model_sized(path)[0]
 
 
-def load_model_sized(path: str, before_data=None) -> tuple[onnx.ModelProto, int]:
+def load_model_sized(path: str, before_data=None, keep_external: bool = False) -> tuple[onnx.ModelProto, int]:
     """load_model, and the bytes the model takes on disk: its file and its external data files.
 
     `before_data(model)`, when given and the model keeps its weights in external data, is called
     once the model is known valid but before those weights are read (the original model's
-    reference run happens there, so onnxruntime's copy and ours are never in memory together)."""
+    reference run happens there, so onnxruntime's copy and ours are never in memory together).
+    With `keep_external` those weights are not read at all: the tensors keep pointing into the
+    files beside the model (graph.import_model(..., base_dir) reads each when it is looked at)."""
     check_input_path(path)
     try:
         model = onnx.load(path, load_external_data=False)
@@ -80,6 +82,8 @@ def load_model_sized(path: str, before_data=None) -> tuple[onnx.ModelProto, int]
     check_types(model, path)  # works without the large tensors' data
     if locations and before_data is not None:
         before_data(model)
+    if keep_external:
+        return model, size
     try:
         onnx.external_data_helper.load_external_data_for_model(model, folder)
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
@@ -402,6 +406,12 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def external_base(t) -> str:
+    from .graph import EXTERNAL_BASE
+
+    return getattr(t._values, EXTERNAL_BASE, "")
+
+
 def _tensor_parts(t, data: bool = True) -> tuple[onnx.TensorProto, bytes | None]:
     """A gs constant as (a TensorProto with its name, type and dims, its raw bytes or None)."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
@@ -410,6 +420,9 @@ def _tensor_parts(t, data: bool = True) -> tuple[onnx.TensorProto, bytes | None]
     stub.name = t.name
     stub.dims.extend(int(d) for d in t.shape)
     source = t._values.tensor if isinstance(t._values, LazyValues) else None
+    if source is not None and onnx.external_data_helper.uses_external_data(source):
+        stub.data_type = source.data_type  # read from the input's file, no conversion
+        return stub, onnx.external_data_helper._read_external_data_bytes(source, external_base(t)) if data else None
     if source is not None and source.HasField("raw_data"):
         stub.data_type = source.data_type
         return stub, source.raw_data if data else None  # the input's own bytes: no conversion

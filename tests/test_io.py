@@ -576,3 +576,20 @@ def test_single_file_output_streams_large_tensors_after_the_model(tmp_path):
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(out.graph.initializer[1]), big)
     assert [i.name for i in out.graph.input] == ["x"]
     assert sorted(os.listdir(tmp_path)) == ["again.onnx", "in.onnx", "out.onnx"]
+
+
+def test_external_weights_are_read_only_when_looked_at(tmp_path):
+    """optimize() keeps a model's external weights in their file: import marks them with the
+    model's folder, graph.values reads them from there, and the streamed output copies them."""
+    from onnxopt.graph import import_model, values
+
+    _external_weights_model(tmp_path, 64, 2)
+    proto, _ = io.load_model_sized(str(tmp_path / "in.onnx"), keep_external=True)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data for t in proto.graph.initializer)
+    m = import_model(proto, base_dir=str(tmp_path))
+    w1 = m.graph.tensors()["w1"]
+    np.testing.assert_array_equal(values(w1), np.full((64, 64), 2 / 64, np.float32))
+    result = onnxopt.optimize(tmp_path / "in.onnx", tmp_path / "out.onnx", passes=["cleanup"], external_data=True)
+    assert result.verification["outputs"][0]["max_abs"] == 0.0
+    out = onnx.load(tmp_path / "out.onnx")
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(out.graph.initializer[1]), values(w1))
