@@ -215,63 +215,59 @@ class PendingOutput:
         model proto, so the weights are never held twice: into the external-data file, or, for a
         single-file model, appended after the rest of the serialized model."""
         self = cls.__new__(cls)
-        self.path = path
-        self.folder = os.path.dirname(os.path.abspath(path))
-        base = os.path.basename(path)
-        self.data_name = base + ".data" if external_data else None
-        self.tmp_model = self.tmp_data = self.model = self.checkable = None
-        try:
-            fd, self.tmp_model = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=self.folder)
-            os.close(fd)
+        self._start(path, external_data)
+
+        def write():
             if not external_data:
                 sink = InlineSink()
                 self.checkable = build(sink)
                 with open(self.tmp_model, "wb") as f:
                     sink.finish(self.checkable, f)
-                return self
-            self.tmp_data = self.tmp_model + ".data"
-            location = os.path.basename(self.tmp_data)
+                return
             with open(self.tmp_data, "wb") as f:
-                self.model = build(DataSink(f, location))
-            # what the sink does not see (Constant-node attributes, in functions too) goes after it
-            onnx.external_data_helper.convert_model_to_external_data(
-                self.model, all_tensors_to_one_file=True, location=location, size_threshold=EXTERNAL_THRESHOLD,
-                convert_attribute=True)
-            onnx.external_data_helper.write_external_data_tensors(self.model, self.folder)
-            with open(self.tmp_model, "wb") as f:
-                f.write(self.model.SerializeToString())
-        except OSError as e:
-            self.discard()
-            raise _write_error(path, e) from None
-        except BaseException:
-            self.discard()
-            raise
+                self.model = build(DataSink(f, os.path.basename(self.tmp_data)))
+            self._write_model()  # what the sink does not see (Constant-node attributes...) goes after it
+
+        self._attempt(write)
         return self
 
     def __init__(self, model: onnx.ModelProto, path: str, external_data: bool | None = None):
-        self.path = path
-        self.checkable = None
-        self.folder = os.path.dirname(os.path.abspath(path))
-        base = os.path.basename(path)
         if external_data is None:
             external_data = not _fits_protobuf(model)
-        self.tmp_model = self.tmp_data = None
+        self._start(path, external_data)
+        self.model = model
+        self._attempt(self._write_model)
+        if not external_data:
+            self.model = None  # commit rewrites it only with external data (the final data name)
+
+    def _start(self, path: str, external_data: bool) -> None:
+        self.path = path
+        self.folder = os.path.dirname(os.path.abspath(path))
+        base = os.path.basename(path)
         self.data_name = base + ".data" if external_data else None
-        self.model = model if external_data else None  # commit rewrites it with the final data name
+        self.tmp_model = self.tmp_data = self.model = self.checkable = None
+        fd, tmp = self._attempt(lambda: tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=self.folder))
+        os.close(fd)
+        self.tmp_model = tmp
+        self.tmp_data = tmp + ".data" if external_data else None
+
+    def _write_model(self) -> None:
+        """Write self.model, its remaining large tensors into the data file when there is one."""
+        if self.tmp_data is not None:
+            onnx.external_data_helper.convert_model_to_external_data(
+                self.model, all_tensors_to_one_file=True, location=os.path.basename(self.tmp_data),
+                size_threshold=EXTERNAL_THRESHOLD, convert_attribute=True)
+            onnx.external_data_helper.write_external_data_tensors(self.model, self.folder)
+        with open(self.tmp_model, "wb") as f:
+            f.write(self.model.SerializeToString())
+
+    def _attempt(self, work):
+        """Run `work`; on any failure remove what was written (an OSError as one clear line)."""
         try:
-            fd, self.tmp_model = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=self.folder)
-            os.close(fd)
-            self.tmp_data = self.tmp_model + ".data" if external_data else None
-            if external_data:
-                onnx.external_data_helper.convert_model_to_external_data(
-                    model, all_tensors_to_one_file=True, location=os.path.basename(self.tmp_data),
-                    size_threshold=EXTERNAL_THRESHOLD, convert_attribute=True)
-                onnx.external_data_helper.write_external_data_tensors(model, self.folder)
-            with open(self.tmp_model, "wb") as f:
-                f.write(model.SerializeToString())
+            return work()
         except OSError as e:
             self.discard()
-            raise _write_error(path, e) from None
+            raise _write_error(self.path, e) from None
         except BaseException:
             self.discard()
             raise
@@ -287,7 +283,8 @@ class PendingOutput:
     def commit(self) -> list[str]:
         """Move the files into place; returns the paths written."""
         written = [self.path]
-        try:
+
+        def move():
             if self.tmp_data is not None and os.path.exists(self.tmp_data) and not os.path.getsize(self.tmp_data):
                 os.remove(self.tmp_data)  # streamed, but no tensor was big enough to move
             if self.tmp_data is not None and not os.path.exists(self.tmp_data):
@@ -302,12 +299,8 @@ class PendingOutput:
                 written.append(final_data)
             os.chmod(self.tmp_model, _file_mode())  # temporary files are private; outputs follow the umask
             os.replace(self.tmp_model, self.path)
-        except OSError as e:
-            self.discard()
-            raise _write_error(self.path, e) from None
-        except BaseException:
-            self.discard()
-            raise
+
+        self._attempt(move)
         return written
 
     def discard(self) -> None:
