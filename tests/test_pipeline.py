@@ -263,3 +263,27 @@ def test_progress_callback(tmp_path):
     onnxopt.optimize(from_text(SIMPLE_TEXT), passes=["fold", "cleanup"], verify="each", progress=said.append)
     assert said == ["loading", "running the original model", "[1/2] fold", "verifying fold", "[2/2] cleanup",
                     "verifying cleanup", "exporting", "verifying the result"]
+
+
+@pytest.mark.parametrize("passes, target, max_opset", [
+    (["fold", "cleanup"], "onnx", None),
+    (["fold", "cleanup", "fuse"], "ort", None),
+    (["fold", "cleanup", "fuse"], "onnx", 23),  # the opset raised, HardSwish fused
+    (["fold", "cleanup", "fuse", "quant"], "ort", 23),
+])
+def test_sample_model_deterministic_and_idempotent(passes, target, max_opset, tmp_path):
+    """The shipped PP-OCR classifier (paddle2onnx, opset 12): two runs write byte-identical files,
+    and running the lossless passes again over the output changes nothing."""
+    from models.builders import SAMPLE_MODEL, SAMPLE_SHAPE
+
+    quant = "fp16" if "quant" in passes else None
+    kw = {"passes": passes, "target": target, "max_opset": max_opset, "quant": quant,
+          "input_shapes": [SAMPLE_SHAPE]}
+    first = onnxopt.optimize(SAMPLE_MODEL, tmp_path / "a.onnx", **kw)
+    onnxopt.optimize(SAMPLE_MODEL, tmp_path / "b.onnx", **kw, verify="none")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert all(o["ok"] for o in first.verification["outputs"])
+    lossless = [p for p in passes if p != "quant"]
+    again = onnxopt.optimize(tmp_path / "a.onnx", tmp_path / "c.onnx", passes=lossless, target=target,
+                             max_opset=max_opset, verify="none")
+    assert [r.counts for r in again.passes] == [{}] * len(lossless)
