@@ -8,6 +8,7 @@ The graph IR is onnx-graphsurgeon's `gs.Graph`. A tensor's `.inputs` are its pro
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -376,8 +377,46 @@ def values(t: gs.Constant) -> np.ndarray:
     if isinstance(t._values, LazyValues):
         # read-only, over one copy of the bytes (gs's load copies them twice): a weight looked at
         # costs its size once, and nothing can change the input's tensor by accident
-        return onnx.numpy_helper.to_array(t._values.tensor, getattr(t._values, EXTERNAL_BASE, ""))
+        tensor = t._values.tensor
+        if onnx.external_data_helper.uses_external_data(tensor):
+            return _external_array(tensor, getattr(t._values, EXTERNAL_BASE, ""))
+        return onnx.numpy_helper.to_array(tensor)
     return np.asarray(t.values)
+
+
+def read_external(tensor: onnx.TensorProto, base_dir: str) -> bytes:
+    """The bytes of a tensor kept in an external-data file (the tensor itself is left as is)."""
+    info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    with open(os.path.join(base_dir, info.location), "rb") as f:
+        f.seek(info.offset or 0)
+        data = f.read(info.length) if info.length else f.read()
+    if info.length and len(data) != info.length:
+        raise OSError(f"external data of {tensor.name!r} is cut short in {info.location}")
+    return data
+
+
+def _external_array(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
+    """A read-only array over the external bytes (one copy); odd element types go through onnx."""
+    data = read_external(tensor, base_dir)
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError):
+        dtype = None
+    if dtype is not None and dtype.kind in "biufc" and tensor.data_type not in _PACKED_TYPES:
+        return np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    del copy.external_data[:]
+    copy.data_location = onnx.TensorProto.DEFAULT
+    copy.raw_data = data
+    return onnx.numpy_helper.to_array(copy)
+
+
+# element types numpy cannot read straight from bytes: packed sub-byte ones, and ml_dtypes ones
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2", "FLOAT6E2M3",
+                                                       "FLOAT6E3M2", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ",
+                                                       "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0")
+                 if hasattr(onnx.TensorProto, n)}
 
 
 def producer(t: gs.Tensor) -> gs.Node | None:

@@ -409,13 +409,15 @@ def _tensor_parts(t, data: bool = True) -> tuple[onnx.TensorProto, bytes | None]
     """A gs constant as (a TensorProto with its name, type and dims, its raw bytes or None)."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
+    from .graph import read_external
+
     stub = onnx.TensorProto()
     stub.name = t.name
     stub.dims.extend(int(d) for d in t.shape)
     source = t._values.tensor if isinstance(t._values, LazyValues) else None
     if source is not None and onnx.external_data_helper.uses_external_data(source):
         stub.data_type = source.data_type  # read from the input's file, no conversion
-        return stub, onnx.external_data_helper._read_external_data_bytes(source, external_base(t)) if data else None
+        return stub, read_external(source, external_base(t)) if data else None
     if source is not None and source.HasField("raw_data"):
         stub.data_type = source.data_type
         return stub, source.raw_data if data else None  # the input's own bytes: no conversion
