@@ -189,3 +189,90 @@ def _attention_onnx(m, env, outputs):
 RULES = [Rule("attention", p, _attention, _check_ort_attention, targets=("ort",)) for p in _patterns()] + [
     Rule("multi_head_attention", p, _multi_head_attention, _check_ort_mha, targets=("ort",)) for p in _patterns()] + [
     Rule("attention_onnx", p, _attention_onnx, _check_onnx, targets=("onnx",)) for p in _patterns()]
+
+
+# ----------------------------------------------------------------------------------- packed QKV (paddle2onnx)
+#
+#   qkv = X @ W + b                      [B, S, 3 * hidden]
+#   heads = qkv.reshape(0, -1, 3, N, D).transpose(2, 0, 3, 1, 4)          [3, B, N, S, D]
+#   q, k, v = heads[0], heads[1], heads[2]   (Slice + Squeeze)
+#   out = softmax(q * scale @ k^T) @ v  -> transpose(0, 2, 1, 3) -> reshape(0, -1, hidden)
+#
+# (paddle's SVTR blocks in the PP-OCR recognizers). The weight's columns are already ordered
+# (Q | K | V, each head-major), as com.microsoft Attention wants them.
+
+def _packed_branch(i: int) -> Op:
+    heads = Op("Transpose", Op("Reshape", Op("Add", Op("MatMul", X_PACKED, C("w")), C("b"), name="qkv"), C("shape5")),
+               name="split")
+    return Op("Squeeze", Op("Slice", heads, C(f"start{i}"), C(f"end{i}"), name=f"slice{i}"), name=f"squeeze{i}")
+
+
+X_PACKED = Var("x")
+
+
+def _packed_patterns():
+    q, k, v = (_packed_branch(i) for i in range(3))
+    scaled = Op("Mul", q, C("scale"), name="scaling")
+    for scores in (Op("MatMul", scaled, Op("Transpose", k, name="tk")),
+                   Op("FusedMatMul", scaled, k, name="fused", domains=(MS,))):
+        context = Op("MatMul", Op("Softmax", scores, name="softmax"), v)
+        yield Op("Reshape", Op("Transpose", context, name="tout"), C("shape_out"))
+
+
+def _packed_check(m, env):
+    x = m["x"]
+    if x.shape is None or len(x.shape) != 3 or not isinstance(x.shape[2], int):
+        return "input is not [batch, sequence, hidden] with a known hidden size"
+    hidden = x.shape[2]
+    w, b = m.value("w"), m.value("b")
+    if w.shape != (hidden, 3 * hidden) or b.shape != (3 * hidden,) or len({w.dtype, b.dtype, np.dtype(x.dtype)}) != 1:
+        return "packed QKV weight is not [hidden, 3 * hidden] with a [3 * hidden] bias of the input's type"
+    shape = m.value("shape5").tolist()
+    if len(shape) != 5 or shape[0] != 0 or shape[1] not in (0, -1) or shape[2] != 3 or shape[3] * shape[4] != hidden:
+        return "heads are not split as reshape [0, -1, 3, heads, head_size]"
+    if _perm(m["split"]) != [2, 0, 3, 1, 4] or _perm(m["tout"]) != [0, 2, 1, 3]:
+        return "head transposes are not the packed layout"
+    for i in range(3):
+        sl, sq = m[f"slice{i}"], m[f"squeeze{i}"]
+        extra = [values(t).reshape(-1).tolist() if t.name else None for t in sl.inputs[3:5]]
+        if (m.value(f"start{i}").reshape(-1).tolist(), m.value(f"end{i}").reshape(-1).tolist()) != ([i], [i + 1]) \
+                or extra[:1] not in ([], [None], [[0]]) or extra[1:] not in ([], [None], [[1]]):
+            return "Q/K/V are not the three slices of the packed heads"
+        axes = sq.attrs.get("axes") if env.opset < 13 else (values(sq.inputs[1]).reshape(-1).tolist()
+                                                           if len(sq.inputs) > 1 else None)
+        if list(axes or []) != [0]:
+            return "Q/K/V slices are not squeezed on axis 0"
+    if "tk" in m.nodes and _perm(m["tk"]) != [0, 1, 3, 2]:
+        return "keys are not transposed over their last two axes"
+    if "fused" in m.nodes:
+        a = m["fused"].attrs
+        if a.get("transA", 0) or not a.get("transB", 0) or a.get("alpha", 1.0) != 1.0 or \
+                a.get("transBatchA", 0) or a.get("transBatchB", 0):
+            return "the scores' FusedMatMul is not q @ k^T"
+    if m["softmax"].attrs.get("axis", -1 if env.opset >= 13 else 1) not in (-1, 3):
+        return "softmax is not over the last axis"
+    if m.value("scale").size != 1:
+        return "scale is not a scalar"
+    if m.value("shape_out").tolist() not in ([0, -1, hidden], [0, 0, hidden], [0, 0, -1]):
+        return "context is not merged back to [batch, sequence, hidden]"
+    return env.needs(23, "Attention") if env.target == "onnx" else None
+
+
+def _packed_attention(m, env, outputs):
+    heads = int(m.value("shape5")[3])
+    scale = float(m.value("scale").reshape(-1)[0])
+    name = env.names.new("Attention")
+    if env.target == "ort":
+        return [gs.Node("Attention", name, domain=MS, inputs=[m["x"], m["w"], m["b"]], outputs=outputs,
+                        attrs={"num_heads": heads, "scale": scale})]
+    hidden = m["x"].shape[2]
+    qkv = m["qkv"].outputs[0]
+    parts = [gs.Variable(env.names.new(f"{name}_{t}"), dtype=qkv.dtype, shape=list(qkv.shape[:2]) + [hidden]
+                         if qkv.shape is not None else None) for t in "qkv"]
+    split = gs.Node("Split", env.names.new(f"{name}_split"), attrs={"axis": -1}, outputs=parts,
+                    inputs=[qkv, env.constant("split_sizes", np.array([hidden] * 3, np.int64))])
+    return [split, gs.Node("Attention", name, inputs=parts, outputs=outputs,
+                           attrs={"q_num_heads": heads, "kv_num_heads": heads, "scale": scale})]
+
+
+RULES += [Rule("attention_packed", p, _packed_attention, _packed_check) for p in _packed_patterns()]

@@ -301,6 +301,8 @@ def _fused_matmul_check(m, env):
     a, b, _, _ = _operands(m)
     if not all(_swaps_last_two(t) for t in _transposes(m)):
         return "Transpose does not swap the last two axes"
+    if _reaches_softmax(m["mm"].outputs[0]):
+        return "attention scores: left to the attention rules"
     if any(r is None or r < 2 for r in (_rank(a), _rank(b))):
         return "operands are not known to have rank 2 or more"
     f32 = (np.dtype(np.float32),)

@@ -150,3 +150,62 @@ def test_attention_not_fused(kwargs, target, reason):
     out, result = optimize_checked(model, ["fuse"], feeds=fused_feeds, target=target, explain=True)
     assert op_counts(out) == op_counts(model) and result.passes[0].counts == {}
     assert [line for line in result.explain if reason in line], result.explain
+
+
+def packed_model(opset=17, order=(0, 1, 2)) -> onnx.ModelProto:
+    """paddle2onnx's packed-QKV attention (PP-OCR's SVTR blocks): one [H, 3H] projection, the heads
+    split by Reshape [0, -1, 3, N, D] + Transpose [2, 0, 3, 1, 4], Q/K/V sliced out of it."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((H, 3 * H)) * 0.3).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.standard_normal(3 * H) * 0.1).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([0, -1, 3, N, D], np.int64), "shape5"),
+             numpy_helper.from_array(np.array([0, -1, H], np.int64), "shape_out"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+             numpy_helper.from_array(np.array(1 / np.sqrt(D), np.float32), "scale")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["qkv"]),
+             helper.make_node("Reshape", ["qkv", "shape5"], ["r5"]),
+             helper.make_node("Transpose", ["r5"], ["heads"], perm=[2, 0, 3, 1, 4])]
+    for name, i in zip("qkv", order):
+        inits += [numpy_helper.from_array(np.array([i], np.int64), f"s{name}"),
+                  numpy_helper.from_array(np.array([i + 1], np.int64), f"e{name}")]
+        nodes += [helper.make_node("Slice", ["heads", f"s{name}", f"e{name}", "axis0"], [f"{name}5"]),
+                  helper.make_node("Squeeze", [f"{name}5", "axis0"], [f"{name}4"])]
+    nodes += [helper.make_node("Mul", ["q4", "scale"], ["qs"]),
+              helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["qs", "kt"], ["scores"]),
+              helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+              helper.make_node("MatMul", ["probs", "v4"], ["ctx"]),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "shape_out"], ["y"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "packed", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", "S", H])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", "S", H])], inits),
+        opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10 if opset >= 23 else 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("target, opset, expected", [
+    ("ort", 17, {"Attention": 1}),
+    ("onnx", 23, {"Add": 1, "MatMul": 1, "Split": 1, "Attention": 1}),
+])
+def test_packed_qkv_attention(target, opset, expected):
+    model = packed_model(opset)
+    x = {"x": np.random.default_rng(2).standard_normal((B, S, H)).astype(np.float32)}
+    out, result = optimize_checked(model, ["fuse"], feeds=x, target=target)
+    assert result.passes[0].counts == {"attention_packed": 1} and op_counts(out) == expected
+    node = next(n for n in out.graph.node if n.op_type == "Attention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs.get("num_heads", attrs.get("q_num_heads")) == N
+    again = onnxopt.optimize(out, passes=["fuse"], target=target, verify="none")
+    assert again.passes[0].counts == {}
+
+
+def test_packed_qkv_attention_with_swapped_slices_is_not_fused():
+    """K taken from the first block and Q from the second is not the packed layout."""
+    model = packed_model(17, order=(1, 0, 2))
+    x = {"x": np.random.default_rng(2).standard_normal((B, S, H)).astype(np.float32)}
+    out, result = optimize_checked(model, ["fuse"], feeds=x, target="ort", explain=True)
+    assert "Attention" not in op_counts(out)
+    assert any("not the three slices of the packed heads" in line for line in result.explain), result.explain
