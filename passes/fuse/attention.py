@@ -15,6 +15,8 @@ once `fold` has resolved the head reshapes to constants:
   attention_bias=mask); the projections stay MatMuls.
 - attention_onnx (`onnx`): standard Attention (opset 23) over the projected [B, S, hidden]
   tensors with q_num_heads = kv_num_heads = N.
+- attention_packed: paddle2onnx's packed-QKV form (see below) into com.microsoft Attention
+  (`ort`) or Split + Attention (opset 23, `onnx`).
 
 The additive mask is passed through unchanged, so the mask semantics are exactly the model's own
 (whatever value it uses for masked positions). A key-padding mask of shape [B, 1, 1, L] is
@@ -202,12 +204,10 @@ RULES = [Rule("attention", p, _attention, _check_ort_attention, targets=("ort",)
 # (Q | K | V, each head-major), as com.microsoft Attention wants them.
 
 def _packed_branch(i: int) -> Op:
-    heads = Op("Transpose", Op("Reshape", Op("Add", Op("MatMul", X_PACKED, C("w")), C("b"), name="qkv"), C("shape5")),
+    heads = Op("Transpose", Op("Reshape", Op("Add", Op("MatMul", Var("x"), C("w")), C("b"), name="qkv"), C("shape5")),
                name="split")
     return Op("Squeeze", Op("Slice", heads, C(f"start{i}"), C(f"end{i}"), name=f"slice{i}"), name=f"squeeze{i}")
 
-
-X_PACKED = Var("x")
 
 
 def _packed_patterns():
