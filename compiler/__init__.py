@@ -108,22 +108,10 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     if out_path is not None:
         io.check_output_path(in_path, out_path)
     say("loading")
-    early: dict = {}  # set when the reference run happened before the weights were read
-
-    def prepare(graph, proto_for_runtime):
-        """Calibration samples, verification inputs and the reference run: from the full graph, or
-        from the model without its external data (the reference run reads the file itself)."""
-        samples = verification.load_calibration(calibration_data, graph) if calibration_data is not None else None
-        feeds = given if given is not None or not samples else samples[-1]  # real data verifies better
-        check = _Checker(verify, graph, shapes, feeds, in_path, proto_for_runtime, say, budget)
-        return samples, feeds, check
-
-    budget = min_cosine if min_cosine is not None else LOSSY_BUDGETS.get(quant, 0.99)
     if in_path is not None:
-        def before_data(skeleton):
-            early["prepared"] = prepare(import_model(skeleton).graph, None)
-
-        proto, size_before = io.load_model_sized(in_path, before_data=before_data, keep_external=True)
+        # external weights stay in their files (read when a pass looks at them), so the reference
+        # run below never has them in memory beside onnxruntime's copy
+        proto, size_before = io.load_model_sized(in_path, keep_external=True)
     elif isinstance(model, onnx.ModelProto):
         io.check_model(model)
         io.check_types(model)
@@ -135,7 +123,11 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     m = import_model(proto, base_dir=os.path.dirname(os.path.abspath(in_path)) if in_path is not None else None)
     before = {"nodes": count_nodes(m.graph), "params": count_params(m.graph), "size": size_before}
     notes: list[str] = []
-    samples, given, check = early.get("prepared") or prepare(m.graph, proto)
+    samples = verification.load_calibration(calibration_data, m.graph) if calibration_data is not None else None
+    if given is None and samples:
+        given = samples[-1]  # real data verifies better than generated inputs
+    budget = min_cosine if min_cosine is not None else LOSSY_BUDGETS.get(quant, 0.99)
+    check = _Checker(verify, m.graph, shapes, given, in_path, proto, say, budget)
     ctx = Context(target=target, max_opset=max_opset, quant=quant, min_cosine=budget, calibration_data=samples,
                   inputs=given, explain=explain, log=notes.append)
     each = functools.partial(check.after_pass, m=m) if verify == "each" else None

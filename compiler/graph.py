@@ -289,14 +289,15 @@ def _export_node(node: gs.Node, keep: set[str], visible: frozenset, sink=None) -
                                   name=node.name, domain=node.domain)
     plain = {k: v for k, v in node.attrs.items() if not _is_graph_attr(v)}
     proto.attribute.extend(OnnxExporter.export_attributes(plain))
+    inner = sink if sink is not None and sink.nested else None  # the sink for subgraphs' tensors
     for key, value in node.attrs.items():
         if isinstance(value, gs.Graph):
             attr = proto.attribute.add(name=key, type=onnx.AttributeProto.GRAPH)
-            _export_graph(value, attr.g, keep, visible, sink if sink is not None and sink.nested else None)
+            _export_graph(value, attr.g, keep, visible, inner)
         elif _is_graph_attr(value):
             attr = proto.attribute.add(name=key, type=onnx.AttributeProto.GRAPHS)
             for sub in value:
-                _export_graph(sub, attr.graphs.add(), keep, visible, sink if sink is not None and sink.nested else None)
+                _export_graph(sub, attr.graphs.add(), keep, visible, inner)
     return proto
 
 

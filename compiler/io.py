@@ -51,13 +51,10 @@ def load_model(path: str) -> onnx.ModelProto:
     return load_model_sized(path)[0]
 
 
-def load_model_sized(path: str, before_data=None, keep_external: bool = False) -> tuple[onnx.ModelProto, int]:
+def load_model_sized(path: str, keep_external: bool = False) -> tuple[onnx.ModelProto, int]:
     """load_model, and the bytes the model takes on disk: its file and its external data files.
 
-    `before_data(model)`, when given and the model keeps its weights in external data, is called
-    once the model is known valid but before those weights are read (the original model's
-    reference run happens there, so onnxruntime's copy and ours are never in memory together).
-    With `keep_external` those weights are not read at all: the tensors keep pointing into the
+    With `keep_external` the external weights are not read: the tensors keep pointing into the
     files beside the model (graph.import_model(..., base_dir) reads each when it is looked at)."""
     check_input_path(path)
     try:
@@ -80,8 +77,6 @@ def load_model_sized(path: str, before_data=None, keep_external: bool = False) -
         raise ModelError(f"cannot load external data of {path}: no file {missing[0]!r} beside it")
     check_model(path=path)  # from the file: the checker parses its own copy, so none is serialized here
     check_types(model, path)  # works without the large tensors' data
-    if locations and before_data is not None:
-        before_data(model)
     if keep_external:
         return model, size
     try:

@@ -104,7 +104,8 @@ class FusePass(Pass):
         if ctx.max_opset and ctx.max_opset > int(model.graph.opset or 0):
             # raise first, so no rule rewrites part of a pattern that only the newer opset fuses
             # (a Mul by 0.5 folded into the next MatMul would break a GELU)
-            self._raise(model, self._wanted(model.graph, rules, ctx), ctx, counts)
+            wanted = self._sweep(model.graph, rules, ctx, Counter(), {}, {}, dry=True)
+            self._raise(model, wanted, ctx, counts)
         probed: dict = {}
         wanted = self._sweep(model.graph, rules, ctx, counts, misses, probed)
         if self._raise(model, wanted, ctx, counts):  # a pattern another rewrite revealed
@@ -134,25 +135,9 @@ class FusePass(Pass):
         return True
 
     @staticmethod
-    def _wanted(graph, rules, ctx) -> int:
-        """The opset the matches refused only for their opset ask for (checks, no rewrites)."""
-        wanted = 0
-        for g in all_graphs(graph):
-            env = Env(g, ctx.target, int(graph.opset or 0), Names(graph), max_opset=ctx.max_opset)
-            outs = output_tensors(g)
-            by_root = _rules_by_root_op(rules)
-            for node in g.nodes:
-                for rule in by_root.get(node.op, ()):
-                    m = match_node(rule.pattern, node)
-                    if m is not None and not (weight_input_refusal(m) or internal_uses_refusal(m, outs)):
-                        rule.check(m, env)
-            wanted = max(wanted, env.wanted)
-        return wanted
-
-    @staticmethod
-    def _sweep(graph, rules, ctx, counts, misses, probed) -> int:
+    def _sweep(graph, rules, ctx, counts, misses, probed, dry: bool = False) -> int:
         """Apply the rules in sweeps until nothing changes; return the opset a refused match
-        asked for within --max-opset (0 if none)."""
+        asked for within --max-opset (0 if none). `dry`: one sweep of checks, no rewrites."""
         names = Names(graph)
         opset = int(graph.opset or 0)
         wanted = 0
@@ -160,7 +145,7 @@ class FusePass(Pass):
             changed = 0
             for g in all_graphs(graph):
                 env = Env(g, ctx.target, opset, names, max_opset=ctx.max_opset or 0, probed=probed)
-                changed += apply_rules(rules, env, counts, misses)
+                changed += apply_rules(rules, env, counts, misses, dry)
                 wanted = max(wanted, env.wanted)
             if not changed:
                 break
@@ -172,10 +157,11 @@ def _key(array: np.ndarray) -> tuple:
     return array.dtype.str, array.shape, array.tobytes()
 
 
-def apply_rules(rules, env: Env, counts: Counter, misses: dict) -> int:
+def apply_rules(rules, env: Env, counts: Counter, misses: dict, dry: bool = False) -> int:
     """One sweep over the graph's nodes: at each node, the first rule that matches and accepts
-    rewrites it. Nodes already taken by a rewrite in this sweep are not matched again. Refusals
-    go to `misses` as {(rule, node): reason}."""
+    rewrites it (with `dry`, nothing is rewritten: only the checks run, for what they ask of
+    env). Nodes already taken by a rewrite in this sweep are not matched again. Refusals go to
+    `misses` as {(rule, node): reason}."""
     outs = output_tensors(env.graph)
     taken: set[int] = set()
     applied = 0
@@ -191,6 +177,8 @@ def apply_rules(rules, env: Env, counts: Counter, misses: dict) -> int:
             if reason:
                 misses[(rule.name, node.name or node.op)] = reason
                 continue
+            if dry:
+                break
             outputs = list(node.outputs)
             node.outputs.clear()
             new = rule.rewrite(m, env, outputs)

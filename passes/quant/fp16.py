@@ -110,6 +110,7 @@ def convert_to_fp16(graph: gs.Graph, opset: int, names: Names, keep_io_types: bo
 
     main = {id(n) for n in graph.nodes}
     out_ids = {id(t) for t in graph.outputs}
+    in_ids = {id(t) for t in graph.inputs}
 
     def uses(t):
         """(fp16 uses, fp32 uses, either-type uses) of t, as (node, input index); a graph output
@@ -177,7 +178,7 @@ def convert_to_fp16(graph: gs.Graph, opset: int, names: Names, keep_io_types: bo
     for t in tensors.values():
         u16, u32, anyt = uses(t)
         producer = t.inputs[0] if t.inputs else None
-        is_input = any(x is t for x in graph.inputs)
+        is_input = id(t) in in_ids
         native16 = (producer is not None and id(producer) in plans) or (
             is_input and not keep_io_types and not isinstance(t, gs.Constant))
         if not native16 and top(t) is not None:  # a float32 constant (initializer or Constant node)
