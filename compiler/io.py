@@ -247,12 +247,17 @@ class PendingOutput:
         self.tmp_data = tmp + ".data" if external_data else None
 
     def _write_model(self) -> None:
-        """Write self.model, its remaining large tensors into the data file when there is one."""
+        """Write self.model, its remaining large tensors appended to the data file when there is one."""
         if self.tmp_data is not None:
-            onnx.external_data_helper.convert_model_to_external_data(
-                self.model, all_tensors_to_one_file=True, location=os.path.basename(self.tmp_data),
-                size_threshold=EXTERNAL_THRESHOLD, convert_attribute=True)
-            onnx.external_data_helper.write_external_data_tensors(self.model, self.folder)
+            # not onnx's convert_model_to_external_data: it refuses a location that exists
+            # relative to the working directory, which the streamed data file does when the
+            # output goes to the current folder
+            with open(self.tmp_data, "ab") as f:
+                sink = DataSink(f, os.path.basename(self.tmp_data))
+                sink.offset = f.tell()
+                for t in _all_tensors(self.model):
+                    if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= EXTERNAL_THRESHOLD:
+                        sink.append(t)
         with open(self.tmp_model, "wb") as f:
             f.write(self.model.SerializeToString())
 
@@ -326,6 +331,15 @@ class DataSink:
         """Fill `proto` with `t`'s name, type and dims and a reference to its bytes in the file."""
         stub, data = _tensor_parts(t)
         proto.CopyFrom(stub)
+        self._put(proto, data)
+
+    def append(self, proto: onnx.TensorProto) -> None:
+        """Move a tensor proto's raw_data into the file."""
+        data = proto.raw_data
+        proto.ClearField("raw_data")
+        self._put(proto, data)
+
+    def _put(self, proto: onnx.TensorProto, data: bytes) -> None:
         pad = -self.offset % self.ALIGN
         self.file.write(b"\0" * pad)
         self.offset += pad
@@ -334,6 +348,19 @@ class DataSink:
         for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(len(data)))):
             proto.external_data.add(key=key, value=value)
         self.offset += len(data)
+
+
+class StubSink:
+    """export_model(m, StubSink()) gives a skeleton: large tensors keep only name, type and dims
+    (marked external, with no file behind them), for shape inference at no weight cost."""
+
+    nested = True
+    takes = DataSink.takes
+
+    def write(self, proto: onnx.TensorProto, t) -> None:
+        proto.CopyFrom(_tensor_parts(t, data=False)[0])
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        proto.external_data.add(key="location", value="stripped")
 
 
 class InlineSink:

@@ -346,9 +346,13 @@ def test_external_data_output_from_the_cli(cli, tmp_path, sha256, leftovers):
     assert leftovers(tmp_path) == []
 
 
-def test_external_data_output_relocates_constants_in_subgraphs_and_functions(tmp_path, leftovers):
+@pytest.mark.parametrize("in_cwd", [False, True])
+def test_external_data_output_relocates_constants_in_subgraphs_and_functions(tmp_path, leftovers, in_cwd,
+                                                                             monkeypatch):
     """Constant values in If branches (graph outputs of the branch: they stay Constant nodes) and in
-    function bodies go to the data file too; all of them must point at the final data file name."""
+    function bodies go to the data file too; all of them must point at the final data file name.
+    in_cwd: the output named relative to the working directory (where onnx's own conversion
+    refuses the data file it finds there)."""
     big = numpy_helper.from_array(np.arange(600, dtype=np.float32), "big")
     ones = numpy_helper.from_array(np.ones(600, np.float32), "ones")
     then_g = oh.make_graph([oh.make_node("Constant", [], ["t"], value=big)], "then", [],
@@ -368,8 +372,10 @@ def test_external_data_output_relocates_constants_in_subgraphs_and_functions(tmp
     onnx.checker.check_model(m, full_check=True)
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(m, src)
-    result = onnxopt.optimize(src, dst, external_data=True)
-    assert result.written == [str(dst), str(tmp_path / "out.onnx.data")]
+    if in_cwd:
+        monkeypatch.chdir(tmp_path)
+    result = onnxopt.optimize(src, "out.onnx" if in_cwd else dst, external_data=True)
+    assert [os.path.abspath(p) for p in result.written] == [str(dst), str(tmp_path / "out.onnx.data")]
     out = onnx.load(dst, load_external_data=False)
     external = [t for t in _tensors(out) if t.data_location == TensorProto.EXTERNAL]
     assert len(external) == 3
@@ -550,7 +556,7 @@ def test_write_failure_leaves_no_temporary_file(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx.external_data_helper, "write_external_data_tensors", full_disk)
+    monkeypatch.setattr(io.DataSink, "_put", full_disk)
     with pytest.raises(OnnxoptError, match=r"cannot write output .*out\.onnx: No space left on device"):
         io.save_model(_weighted(64), str(tmp_path / "out.onnx"), external_data=True)
     assert os.listdir(tmp_path) == []
