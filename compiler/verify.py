@@ -246,6 +246,14 @@ def run_model(path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4
+    # keep a verification run near the model's own size: prepacked kernel weights would be a second
+    # copy of every weight; the arena keeps every scratch buffer for the session's lifetime; and in
+    # the default order the float32 Casts onnxruntime inserts before CPU nodes without a float16
+    # kernel (MatMul on x86) all run first, so every weight is held in float32 at once, where the
+    # priority-based order runs each one just before its consumer
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.enable_cpu_mem_arena = False
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     try:
         session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
