@@ -564,6 +564,40 @@ def opset(graph: gs.Graph) -> int:
     return int(graph.opset or 0)
 
 
+def refresh_shapes(m: Model) -> int:
+    """Shapes onnx inference now finds that the IR lacks (a folded Reshape target makes everything
+    after it inferable), for tensors other than graph inputs and outputs, as import_model would
+    find them in a second run. Returns how many tensors gained a shape."""
+    from .io import StubSink
+
+    inferred = infer_shapes(export_model(m, StubSink()))
+    found = {vi.name: vi.type.tensor_type for vi in proto_value_infos(inferred.graph)}
+    gained = 0
+    for g in all_graphs(m.graph):
+        io_names = {t.name for t in g.inputs} | {t.name for t in g.outputs}
+        for name, t in g.tensors().items():
+            tt = found.get(name)
+            if isinstance(t, gs.Constant) or name in io_names or tt is None or not tt.HasField("shape"):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+            if t.shape is None:
+                t.shape = dims
+            elif len(t.shape) == len(dims) and any(a is None and b is not None for a, b in zip(t.shape, dims)):
+                t.shape = [a if a is not None else b for a, b in zip(t.shape, dims)]
+            else:
+                continue
+            if t.dtype is None and tt.elem_type:
+                t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            gained += 1
+    return gained
+
+
+def proto_value_infos(graph: onnx.GraphProto):
+    """The value_info of a graph proto and of its subgraphs."""
+    for g in proto_graphs(graph):
+        yield from g.value_info
+
+
 def raise_opset(m: Model, version: int) -> None:
     """Convert the model to default-domain opset `version` in place (onnx's version converter
     rewrites the operators whose definition changed). Raises ValueError when it cannot.

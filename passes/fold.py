@@ -28,7 +28,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxopt.graph import (
     NONDETERMINISTIC, STANDARD_DOMAINS, Names, all_graphs, bypass, cleanup, const_value, is_constant,
-    materialize_constant_nodes, opset, output_tensors, replace_uses, subgraphs, values,
+    materialize_constant_nodes, opset, output_tensors, refresh_shapes, replace_uses, subgraphs, values,
 )
 from onnxopt.pipeline import Pass
 
@@ -78,7 +78,14 @@ class FoldPass(Pass):
             if not changed:
                 break
             cleanup(graph)
+            if _shapes_missing(graph):
+                refresh_shapes(model)  # what this round made inferable, for the next round and later passes
         return counts
+
+
+def _shapes_missing(graph: gs.Graph) -> bool:
+    return any(t.shape is None or None in t.shape for g in all_graphs(graph) for t in g.tensors().values()
+               if isinstance(t, gs.Variable) and t.name)
 
 
 # ----------------------------------------------------------------------------------- constants

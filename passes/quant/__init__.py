@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from onnxopt.errors import UsageError
 from onnxopt.graph import Names, opset
+from onnxopt.passes.cleanup import merge_duplicate_constants
 from onnxopt.pipeline import Pass
 
 from .fp16 import convert_to_fp16
@@ -39,11 +40,15 @@ class QuantPass(Pass):
             raise UsageError(f"--quant {ctx.quant}: not built yet (available: {', '.join(MODES)})")
         graph = model.graph
         report = convert_to_fp16(graph, opset(graph), Names(graph), keep_io_types=self.options.keep_io_types)
+        # float32 constants that differ only below float16's precision are now equal: keep one
+        merged = merge_duplicate_constants(graph)
         for name, biggest in report.out_of_range.items():
             ctx.log(f"quant: constant {name!r} holds {biggest:.4g}, beyond float16's range: its readers stay float32")
         if ctx.explain:
             for name, reason in report.kept.items():
                 ctx.log(f"quant: {name} stays float32: {reason}")
+        if not (report.converted or report.constants_converted or report.casts_inserted or merged):
+            return Counter()  # already float16 (a second run): what stays float32 is no change
         return Counter({
             "nodes_to_fp16": len(report.converted),
             "nodes_kept_fp32": len(report.kept),
@@ -51,4 +56,5 @@ class QuantPass(Pass):
             "casts_inserted": report.casts_inserted,
             "casts_retargeted": report.casts_retargeted,
             "constants_out_of_fp16_range": len(report.out_of_range),
+            "duplicate_constants_merged": merged,
         })
