@@ -48,8 +48,9 @@ class Context:
     max_opset: int | None = None  # a pass may raise the default-domain opset up to this (None: never)
     quant: str | None = None  # the quant pass's mode (--quant)
     min_cosine: float | None = None  # the error budget of lossy passes (--min-cosine)
-    calibration_data: list[dict] | None = None
+    calibration_data: list[dict] | None = None  # samples to calibrate on (the held-out ones excluded)
     inputs: dict | None = None
+    evaluation: list[dict] | None = None  # samples a lossy pass measures its error on: those verification uses
     device: dict = field(default_factory=dict)
     explain: bool = False
     log: Callable[[str], None] = lambda message: None

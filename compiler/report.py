@@ -50,7 +50,9 @@ def summary_lines(result, verbose: bool = False) -> list[str]:
     elif v["outputs"]:
         worst_abs = max(o["max_abs"] for o in v["outputs"])
         worst_cos = min(o["cosine"] for o in v["outputs"])
-        lines.append(f"  verify {v['mode']}: {len(v['outputs'])} output(s) match the original "
+        n = v["outputs"][0].get("samples", 1)
+        on = f" on {n} held-out samples (cosine: the samples' mean)" if n > 1 else ""
+        lines.append(f"  verify {v['mode']}: {len(v['outputs'])} output(s) match the original{on} "
                      f"(max abs err {worst_abs:.2e}, min cosine {worst_cos:.6f})")
         if verbose:
             lines.extend(_metric_lines(v["outputs"], indent="      "))
@@ -59,7 +61,9 @@ def summary_lines(result, verbose: bool = False) -> list[str]:
 
 def _metric_lines(metrics, indent):
     return [f"{indent}{m['name']}: max_abs {m['max_abs']:.3e}  max_rel {m['max_rel']:.3e}  "
-            f"cosine {m['cosine']:.8f}{'  ' + m['note'] if m['note'] else ''}" for m in metrics]
+            f"cosine {m['cosine']:.8f}"
+            f"{'' if m.get('worst_cosine') is None else '  worst sample ' + format(m['worst_cosine'], '.6f')}"
+            f"{'  ' + m['note'] if m['note'] else ''}" for m in metrics]
 
 
 def write_report(result, path: str) -> None:

@@ -33,9 +33,11 @@ class OutputMetrics:
     name: str
     max_abs: float
     max_rel: float
-    cosine: float
+    cosine: float  # over several samples: the mean of the samples' cosines
     ok: bool
     note: str = ""
+    worst_cosine: float | None = None  # the lowest sample's cosine, over several samples
+    samples: int = 1
 
     def as_dict(self):
         return asdict(self)
@@ -240,6 +242,11 @@ class RunFailed(Exception):
 
 def run_model(path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run a model file on onnxruntime's CPU provider with graph optimizations off."""
+    return run_samples(path, [feeds])[0]
+
+
+def run_samples(path: str, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """run_model over several feed dicts, with one session."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(4)  # errors reach the user as one line, not as ORT's log
@@ -259,15 +266,27 @@ def run_model(path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise RuntimeUnavailable(f"onnxruntime cannot load the model: {_short(e)}") from None
     wanted = {i.name for i in session.get_inputs()}
-    missing = wanted - set(feeds)
-    if missing:
-        raise UsageError(f"no values for input(s) {', '.join(sorted(missing))}")
-    try:
-        names = [o.name for o in session.get_outputs()]
-        outs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
-    except Exception as e:  # noqa: BLE001
-        raise RunFailed(f"onnxruntime fails to run the model on these inputs: {_short(e)}") from None
-    return dict(zip(names, outs))
+    names = [o.name for o in session.get_outputs()]
+    results = []
+    for feeds in samples:
+        missing = wanted - set(feeds)
+        if missing:
+            raise UsageError(f"no values for input(s) {', '.join(sorted(missing))}")
+        try:
+            outs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+        except Exception as e:  # noqa: BLE001
+            raise RunFailed(f"onnxruntime fails to run the model on these inputs: {_short(e)}") from None
+        results.append(dict(zip(names, outs)))
+    return results
+
+
+def split_samples(samples: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Calibration data as (calibration, evaluation): the last quarter (at least one sample) is held
+    back for measuring the error; a single sample serves both."""
+    if len(samples) < 2:
+        return samples, samples
+    held = max(1, len(samples) // 4)
+    return samples[:-held], samples[-held:]
 
 
 def _short(e: BaseException) -> str:
@@ -319,6 +338,31 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: s
         ok = not nan_mismatch and not inf_mismatch and close
         result.append(OutputMetrics(name, max_abs, max_rel, cosine, ok,
                                     "NaN/Inf positions differ" if nan_mismatch or inf_mismatch else ""))
+    return result
+
+
+def compare_samples(refs: list[dict], gots: list[dict], tolerance: str = "fp32",
+                    min_cosine: float = 0.99) -> list[OutputMetrics]:
+    """compare() over several samples: per output, the largest errors, the mean of the samples'
+    cosines (what the budget applies to) and the worst sample's in `worst_cosine`; `ok` when every
+    sample is within the fp32 tolerance, or for `lossy`, when the mean cosine is within the
+    budget and no sample has NaN or Inf where the reference does not."""
+    if len(refs) == 1:
+        return compare(refs[0], gots[0], tolerance, min_cosine)
+    per = [compare(r, g, tolerance, min_cosine) for r, g in zip(refs, gots)]
+    result = []
+    for i, first in enumerate(per[0]):
+        column = [p[i] for p in per]
+        cosines = [x.cosine for x in column]
+        mean = float(np.mean(cosines))
+        broken = [x.note for x in column if x.note]
+        if tolerance == "lossy":
+            ok = not broken and mean >= min_cosine
+        else:
+            ok = all(x.ok for x in column)
+        result.append(OutputMetrics(first.name, max(x.max_abs for x in column), max(x.max_rel for x in column),
+                                    mean, ok, broken[0] if broken else "", worst_cosine=min(cosines),
+                                    samples=len(column)))
     return result
 
 

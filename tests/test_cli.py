@@ -172,8 +172,9 @@ def test_report_contents(cli, simple_path, tmp_path):
         assert isinstance(p["seconds"], float) and 0 <= p["seconds"] < r["seconds"]
         assert p["verification"] is None and p["verification_skipped"] is None  # --verify final
     assert r["order_note"] is None
-    assert r["verification"] == {"mode": "final", "skipped": None, "outputs": [
-        {"name": "y", "max_abs": 0.0, "max_rel": 0.0, "cosine": pytest.approx(1.0), "ok": True, "note": ""}]}
+    assert r["verification"] == {"mode": "final", "skipped": None, "over_budget": [], "outputs": [
+        {"name": "y", "max_abs": 0.0, "max_rel": 0.0, "cosine": pytest.approx(1.0), "ok": True, "note": "",
+         "worst_cosine": None, "samples": 1}]}
     assert r["before"] == {"nodes": 4, "params": 3, "size": os.path.getsize(simple_path)}
     assert r["after"] == {"nodes": 2, "params": 3, "size": os.path.getsize(out)}
     assert r["output"] == str(out) and r["written"] == [str(out)]
@@ -202,7 +203,7 @@ def test_verify_none(cli, simple_path, tmp_path):
     assert ran.err.splitlines()[-1] == "  verify none: skipped (--verify none)"
     assert "warning" not in ran.err
     r = json.loads(report.read_text())
-    assert r["verification"] == {"mode": "none", "skipped": "--verify none", "outputs": []}
+    assert r["verification"] == {"mode": "none", "skipped": "--verify none", "outputs": [], "over_budget": []}
     assert all(p["verification"] is None for p in r["passes"])
 
 
@@ -747,16 +748,16 @@ def test_interrupt_during_verification_leaves_nothing(cli, assert_error, simple_
     """Ctrl-C after the temporary output is written: it is removed, exit code 130."""
     import onnxopt.verify as verify_mod
 
-    real, calls = verify_mod.run_model, []
+    real, calls = verify_mod.run_samples, []
 
-    def interrupted(path, feeds):
+    def interrupted(path, samples):
         calls.append(path)
         if len(calls) == 2:  # the final check, which reads the temporary output file
             assert os.path.basename(path).startswith(".out.onnx.") and os.path.exists(path)
             raise KeyboardInterrupt
-        return real(path, feeds)
+        return real(path, samples)
 
-    monkeypatch.setattr(verify_mod, "run_model", interrupted)
+    monkeypatch.setattr(verify_mod, "run_samples", interrupted)
     assert_error(cli(simple_path, "-o", tmp_path / "out.onnx"), 130, "interrupted")
     assert len(calls) == 2
     assert os.listdir(tmp_path) == ["in.onnx"]

@@ -349,7 +349,7 @@ def test_verify_none_does_not_catch_it(swap_sub):
     result = onnxopt.optimize(m, passes=["cleanup"], verify="none")
     feeds = {"x": np.full((2, 3), 3, np.float32), "w": np.ones((2, 3), np.float32)}
     np.testing.assert_array_equal(run(result.model, feeds)["y"], np.zeros((2, 3), np.float32))  # relu(1 - 3)
-    assert result.verification == {"mode": "none", "skipped": "--verify none", "outputs": []}
+    assert result.verification == {"mode": "none", "skipped": "--verify none", "outputs": [], "over_budget": []}
 
 
 def test_verify_each_metrics_per_pass_and_final():
@@ -379,3 +379,24 @@ def test_an_optimized_model_onnxruntime_cannot_load_is_a_verification_error(monk
         onnxopt.optimize(m, passes=["cleanup"], verify="each")
     with pytest.raises(onnxopt.OnnxoptError):
         onnxopt.optimize(m, passes=["cleanup"], verify="final")
+
+
+def test_split_samples_holds_back_the_last_quarter():
+    samples = [{"x": np.full(1, i)} for i in range(9)]
+    calibration, evaluation = verify.split_samples(samples)
+    assert [int(s["x"][0]) for s in calibration] == list(range(7))
+    assert [int(s["x"][0]) for s in evaluation] == [7, 8]
+    assert verify.split_samples(samples[:1]) == (samples[:1], samples[:1])  # one sample serves both
+
+
+def test_compare_samples_averages_cosines_and_keeps_the_worst():
+    ref = [{"y": np.array([1.0, 0.0])}, {"y": np.array([0.0, 1.0])}]
+    got = [{"y": np.array([1.0, 0.0])}, {"y": np.array([1.0, 1.0])}]
+    (m,) = verify.compare_samples(ref, got, "lossy", 0.8)
+    assert m.samples == 2 and m.worst_cosine == pytest.approx(2 ** -0.5)
+    assert m.cosine == pytest.approx((1 + 2 ** -0.5) / 2) and m.ok  # the mean 0.854 is within 0.8
+    assert not verify.compare_samples(ref, got, "lossy", 0.9)[0].ok
+    assert not verify.compare_samples(ref, got, "fp32")[0].ok and m.max_abs == 1.0
+    nan = [{"y": np.array([1.0, 0.0])}, {"y": np.array([np.nan, 1.0])}]
+    (m,) = verify.compare_samples(ref, nan, "lossy", 0.1)
+    assert not m.ok and m.note == "NaN/Inf positions differ"
