@@ -71,7 +71,7 @@ def test_min_cosine_sets_the_budget():
 @pytest.mark.parametrize("kwargs, message", [
     ({"passes": ["quant"]}, "the quant pass needs --quant MODE"),
     ({"passes": ["fold"], "quant": "fp16"}, "--quant fp16 needs the quant pass in --passes"),
-    ({"passes": ["quant"], "quant": "dynamic"}, "--quant dynamic: not built yet (available: fp16)"),
+    ({"passes": ["quant"], "quant": "static"}, "--quant static: not built yet (available: fp16, dynamic)"),
 ])
 def test_usage_errors(kwargs, message):
     with pytest.raises(onnxopt.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -80,7 +80,7 @@ def test_usage_errors(kwargs, message):
 
 def test_calibration_data_from_npz_and_folder(tmp_path):
     """An .npz with the samples along the first axis, or a folder with one sample per file; the
-    last sample verifies the result."""
+    held-back last quarter verifies the result."""
     data = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=data)  # the input is [N, 4]: each row is a [1, 4] sample
     result = onnxopt.optimize(mlp(), passes=["quant"], quant="fp16", calibration_data=tmp_path / "calib.npz")

@@ -1,0 +1,81 @@
+"""Keeping a lossy rewrite inside the error budget by measurement.
+
+`fit_budget` tries the rewrite of every site on a copy of the model and measures it on the
+evaluation samples (those the final verification uses: calibration samples held back, or the
+generated inputs) against the float model. When that misses the budget (`--min-cosine`: every
+output's mean cosine), each site's own error is measured (the model with only that site
+rewritten), and the most sensitive sites go back to float, as few as the budget allows (a
+binary search over the sensitivity order). Returns what to rewrite and the measurements for the
+report.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+from onnxopt import verify as verification
+from onnxopt.graph import Model, export_model
+
+
+@dataclass
+class Fit:
+    chosen: list  # the sites to rewrite
+    score: float  # the worst output's mean cosine with them rewritten
+    kept: list = field(default_factory=list)  # sites left in float for the budget
+    sensitivity: dict = field(default_factory=dict)  # site label -> 1 - cosine with only it rewritten
+    trials: int = 0
+
+
+def copy_model(m: Model) -> Model:
+    """A copy whose graph can be rewritten apart (weights are shared, not copied)."""
+    return Model(m.graph.copy(), m.meta, m.value_info_names, m.dropped_initializers)
+
+
+class Measure:
+    """Runs models on the evaluation samples; compares with the float model's outputs."""
+
+    def __init__(self, model: Model, samples: list[dict], budget: float):
+        self.samples, self.budget = samples, budget
+        self.reference = self.run(model)
+
+    def run(self, model: Model) -> list[dict]:
+        with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
+            path = verification.write_for_runtime(export_model(model), tmp, consume=True)
+            return verification.run_samples(path, self.samples)
+
+    def score(self, model: Model) -> float:
+        """The worst output's mean cosine (-1 when an output has new NaN or Inf)."""
+        metrics = verification.compare_samples(self.reference, self.run(model), "lossy", self.budget)
+        return min(-1.0 if m.note else m.cosine for m in metrics)
+
+
+def fit_budget(model: Model, sites: list, rewrite: Callable[[Model, list], None], measure: Measure,
+               fallback: bool = True) -> Fit:
+    """The sites to rewrite so the result stays inside measure.budget (see the module doc)."""
+    trials = 0
+
+    def trial(chosen) -> float:
+        nonlocal trials
+        trials += 1
+        m = copy_model(model)
+        rewrite(m, chosen)
+        return measure.score(m)
+
+    full = trial(sites)
+    if full >= measure.budget or not fallback or not sites:
+        return Fit(list(sites), full, trials=trials)
+    loss = {id(s): 1.0 - trial([s]) for s in sites}
+    order = sorted(sites, key=lambda s: -loss[id(s)])  # the most sensitive first
+    lo, hi, best = 1, len(order), None  # order[hi:] (nothing) always fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        score = trial(order[mid:])
+        if score >= measure.budget:
+            hi, best = mid, score
+        else:
+            lo = mid + 1
+    chosen = order[hi:]
+    return Fit(sorted(chosen, key=lambda s: s.index), best if chosen else 1.0, kept=order[:hi],
+               sensitivity={s.label: loss[id(s)] for s in order}, trials=trials)
