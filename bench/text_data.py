@@ -1,0 +1,114 @@
+"""Real English text for calibration and evaluation: sentences from the docstrings of Python's
+standard library (every machine has them), tokenized with all-MiniLM-L6-v2's WordPiece tokenizer.
+
+The sentences are collected in a fixed order and shuffled with a fixed seed; `split` gives the
+calibration and evaluation sets, which never share a sentence. The text depends on the Python
+version (its docstrings), which the bench tables record.
+
+    python bench/text_data.py --out DIR --calibration 256 --evaluation 128
+writes DIR/calibration/*.npz and DIR/evaluation/*.npz, one tokenized sentence per file (its own
+length, no padding): the folder form of `--calibration-data`.
+"""
+import argparse
+import importlib
+import inspect
+import pkgutil
+import random
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+# pure-Python standard modules with prose docstrings (no GUI, no test suites, nothing that runs on import)
+SKIP = ("test", "idlelib", "tkinter", "turtle", "this", "antigravity", "__", "lib2to3", "ensurepip", "pydoc_data")
+
+
+def stdlib_sentences() -> list[str]:
+    """Unique prose sentences of 6 to 40 words from the standard library's docstrings, in a fixed order."""
+    seen, out = set(), []
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.module_finder.path.startswith(sys.prefix)
+                   or m.module_finder.path.startswith(sys.base_prefix))
+    names = [n for n in names if not n.startswith(SKIP) and "site-packages" not in n]
+    for name in names:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - platform modules that do not import here
+            continue
+        if "site-packages" in (getattr(module, "__file__", "") or ""):
+            continue
+        docs = [inspect.getdoc(module)]
+        for _, obj in sorted(vars(module).items()):
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", None) == name:
+                docs.append(inspect.getdoc(obj))
+        for doc in docs:
+            for para in (doc or "").split("\n\n"):
+                text = " ".join(para.split())
+                if not text or ">>>" in text or "::" in text:
+                    continue
+                for s in SENTENCE.split(text):
+                    words = s.split()
+                    letters = sum(c.isalpha() or c == " " for c in s)
+                    if 6 <= len(words) <= 40 and s[0].isupper() and s[-1] in ".!?" and letters > 0.85 * len(s) \
+                            and s not in seen:
+                        seen.add(s)
+                        out.append(s)
+    return out
+
+
+def split(n_calibration: int, n_evaluation: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint calibration and evaluation sentences."""
+    sentences = stdlib_sentences()
+    random.Random(seed).shuffle(sentences)
+    if n_calibration + n_evaluation > len(sentences):
+        raise SystemExit(f"only {len(sentences)} sentences here; asked for {n_calibration} + {n_evaluation}")
+    return sentences[:n_calibration], sentences[n_calibration:n_calibration + n_evaluation]
+
+
+def tokenizer_path() -> Path:
+    here = Path(__file__).resolve().parent
+    for p in (here / ".cache" / "minilm" / "tokenizer.json", here.parents[1] / "shared" / "models" / "tokenizer.json"):
+        if p.exists():
+            return p
+    raise SystemExit("tokenizer.json not found (bench/.cache/minilm or ../shared/models)")
+
+
+def encode(sentences: list[str], max_len: int = 128) -> list[dict[str, np.ndarray]]:
+    """One feed dict per sentence (batch 1, its own length), as MiniLM's inputs."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path()))
+    tok.enable_truncation(max_len)
+    tok.no_padding()
+    feeds = []
+    for enc in tok.encode_batch(sentences):
+        ids = np.array([enc.ids], np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.array([enc.attention_mask], np.int64),
+                      "token_type_ids": np.array([enc.type_ids], np.int64)})
+    return feeds
+
+
+def write_folder(feeds: list[dict[str, np.ndarray]], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, feed in enumerate(feeds):
+        np.savez(folder / f"{i:05d}.npz", **feed)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--calibration", type=int, default=256)
+    ap.add_argument("--evaluation", type=int, default=128)
+    args = ap.parse_args()
+    cal, ev = split(args.calibration, args.evaluation)
+    write_folder(encode(cal), args.out / "calibration")
+    write_folder(encode(ev), args.out / "evaluation")
+    print(f"{len(cal)} calibration and {len(ev)} evaluation sentences in {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
