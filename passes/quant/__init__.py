@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
+
 from onnxopt.errors import UsageError
 from onnxopt.graph import Names, cleanup, opset
 from onnxopt.passes.cleanup import merge_duplicate_constants
@@ -124,10 +126,15 @@ class QuantPass(Pass):
                 seen[name].append(channel_rows(x, 512))
 
         observe(model, sorted(seen), ctx.calibration_data[:SMOOTH_SAMPLES], keep)
-        for site in linear:
-            w, _ = int8.linear_weight(nodes[site.index], site.kind)
-            site.smooth, plain, err = int8.choose_smoothing(w, seen[inputs[site.index]], qmax)
+        groups: dict[str, list] = {}
+        for site in linear:  # nodes reading the same input share its factors (and its quantization)
+            groups.setdefault(inputs[site.index], []).append(site)
+        for name, group in groups.items():
+            w = np.concatenate([int8.linear_weight(nodes[s.index], s.kind)[0] for s in group], axis=1)
+            factors, plain, err = int8.choose_smoothing(w, seen[name], qmax)
+            for site in group:
+                site.smooth = factors
             if ctx.explain:
-                ctx.log(f"quant: {site.label}: simulated error {plain:.2e}"
-                        + (f" -> {err:.2e} with SmoothQuant" if site.smooth is not None else ", not smoothed"))
+                ctx.log(f"quant: {', '.join(s.label for s in group)}: simulated error {plain:.2e}"
+                        + (f" -> {err:.2e} with SmoothQuant" if factors is not None else ", not smoothed"))
         return sum(s.smooth is not None for s in linear)

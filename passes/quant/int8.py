@@ -143,6 +143,11 @@ def quantize_sites(graph: gs.Graph, sites: list[Site], target: str, opset_versio
     cache = {} if cache is None else cache
     graph_outputs = output_tensors(graph)
     nodes = list(graph.nodes)
+    readers: dict[int, int] = {}  # how many linear sites read each input: they share its quantization
+    for site in sites:
+        if site.kind != "gather":
+            readers[id(nodes[site.index].inputs[0])] = readers.get(id(nodes[site.index].inputs[0]), 0) + 1
+    shared: dict[int, tuple] = {}  # input -> (its smoothed tensor, its quantization's outputs)
     replaced = {}
     for site in sites:
         node = nodes[site.index]
@@ -150,19 +155,29 @@ def quantize_sites(graph: gs.Graph, sites: list[Site], target: str, opset_versio
         if key not in cache:
             cache[key] = _quantized_weight(node, site.kind, qmax, site.smooth)
         q, scale, bias = cache[key]
-        pre = []
-        if site.smooth is not None:  # x / s in front; the weight was multiplied by s
-            x = _var(names, f"{node.name or node.op}_smoothed", np.float32, node.inputs[0].shape)
-            pre = [gs.Node("Mul", names.new(f"{node.name or node.op}_smooth"), {},
-                           [node.inputs[0], _const(names, f"{node.name or node.op}_smooth_inv",
-                                                   (1.0 / site.smooth).astype(np.float32))], [x])]
-            node.inputs[0] = x
         if site.kind == "gather":
             new = _gather(node, q, scale, names)
-        elif site.kind == "attention":
-            new = pre + _attention(node, q, scale, bias, opset_version, names)
         else:
-            new = pre + _linear(node, q, scale, bias, target, names, graph_outputs)
+            x = node.inputs[0]
+            new = []
+            if id(x) not in shared:
+                shared[id(x)] = (x, None)
+                if site.smooth is not None:  # x / s in front; the weights were multiplied by s
+                    xs = _var(names, f"{x.name}_smoothed", np.float32, x.shape)
+                    new.append(gs.Node("Mul", names.new(f"{x.name}_smooth"), {}, [x, _const(
+                        names, f"{x.name}_smooth_inv", (1.0 / site.smooth).astype(np.float32))], [xs]))
+                    shared[id(x)] = (xs, None)
+                if readers[id(x)] > 1 or target == "onnx":  # one run-time quantization for all readers
+                    xq = (_var(names, f"{x.name}_uint8", np.uint8), _var(names, f"{x.name}_scale", np.float32, []),
+                          _var(names, f"{x.name}_zero", np.uint8, []))
+                    new.append(gs.Node("DynamicQuantizeLinear", names.new(f"{x.name}_quantize"), {},
+                                       [shared[id(x)][0]], list(xq)))
+                    shared[id(x)] = (shared[id(x)][0], xq)
+            source, quantized = shared[id(x)]
+            if site.kind == "attention":
+                new += _attention(node, source, quantized, q, scale, bias, opset_version, names)
+            else:
+                new += _linear(node, source, quantized, q, scale, bias, target, names, graph_outputs)
         node.inputs.clear()
         node.outputs.clear()
         replaced[site.index] = new
@@ -199,7 +214,7 @@ def linear_weight(node: gs.Node, kind: str) -> tuple[np.ndarray, np.ndarray | No
 # ----------------------------------------------------------------------------------- SmoothQuant
 
 ALPHAS = (0.5, 0.7, 0.8, 0.9)  # migration strengths tried per site (SmoothQuant's alpha)
-SMOOTH_GAIN = 0.8  # smoothing is used where it cuts the simulated error to this fraction or less
+SMOOTH_GAIN = 0.5  # smoothing is used where it cuts the simulated error to this fraction or less
 
 
 def simulate_dynamic(x: np.ndarray) -> np.ndarray:
@@ -272,9 +287,10 @@ def _absorbable_bias(y: gs.Tensor, n: int, graph_outputs: set[int]):
     return add, bias
 
 
-def _linear(node, q, scale, bias, target, names, graph_outputs) -> list[gs.Node]:
-    """y = x @ w (+ bias) with int8 weights, activations quantized at run time."""
-    x, y = node.inputs[0], node.outputs[0]
+def _linear(node, x, xq, q, scale, bias, target, names, graph_outputs) -> list[gs.Node]:
+    """y = x @ w (+ bias) with int8 weights. x is quantized at run time: by DynamicQuantizeMatMul
+    itself, or already (xq: DynamicQuantizeLinear's uint8 tensor, scale and zero point)."""
+    y = node.outputs[0]
     base = node.name or "matmul"
     wq, ws = _const(names, f"{base}_w_int8", q), _const(names, f"{base}_w_scale", scale)
     if target == "ort":
@@ -289,21 +305,20 @@ def _linear(node, q, scale, bias, target, names, graph_outputs) -> list[gs.Node]
                     y = add.outputs[0]
                     add.inputs.clear()
                     add.outputs.clear()
-        ins = [x, wq, ws]
-        if bias is not None:
-            ins += [gs.Variable.empty(), _const(names, f"{base}_bias", bias)]
-        return [gs.Node("DynamicQuantizeMatMul", names.new(f"{base}_int8"), {}, ins, [y], domain=MS)]
-    xq, xs, xz = _var(names, f"{base}_x_uint8", np.uint8), _var(names, f"{base}_x_scale", np.float32, []), \
-        _var(names, f"{base}_x_zero", np.uint8, [])
+        b = [_const(names, f"{base}_bias", bias)] if bias is not None else []
+        if xq is None:
+            ins = [x, wq, ws] + ([gs.Variable.empty()] + b if b else [])
+            return [gs.Node("DynamicQuantizeMatMul", names.new(f"{base}_int8"), {}, ins, [y], domain=MS)]
+        ins = [xq[0], wq, xq[1], ws, xq[2]] + ([gs.Variable.empty()] + b if b else [])
+        return [gs.Node("MatMulIntegerToFloat", names.new(f"{base}_int8"), {}, ins, [y], domain=MS)]
     acc = _var(names, f"{base}_int32", np.int32)
     acc_f = _var(names, f"{base}_int32_float", np.float32)
     both = _var(names, f"{base}_scale", np.float32, [q.shape[1]])
     out = y if bias is None else _var(names, f"{base}_nobias", np.float32)
     new = [
-        gs.Node("DynamicQuantizeLinear", names.new(f"{base}_quantize"), {}, [x], [xq, xs, xz]),
-        gs.Node("MatMulInteger", names.new(f"{base}_int8"), {}, [xq, wq, xz], [acc]),
+        gs.Node("MatMulInteger", names.new(f"{base}_int8"), {}, [xq[0], wq, xq[2]], [acc]),
         gs.Node("Cast", names.new(f"{base}_cast"), {"to": FLOAT}, [acc], [acc_f]),
-        gs.Node("Mul", names.new(f"{base}_scales"), {}, [xs, ws], [both]),
+        gs.Node("Mul", names.new(f"{base}_scales"), {}, [xq[1], ws], [both]),
         gs.Node("Mul", names.new(f"{base}_rescale"), {}, [acc_f, both], [out]),
     ]
     if bias is not None:
@@ -328,15 +343,19 @@ def _gather(node, q, scale, names) -> list[gs.Node]:
     ]
 
 
-def _attention(node, q, scale, bias, opset_version, names) -> list[gs.Node]:
-    """com.microsoft Attention -> DynamicQuantizeMatMul (packed QKV) + Split + MultiHeadAttention."""
-    x = node.inputs[0]
+def _attention(node, x, xq, q, scale, bias, opset_version, names) -> list[gs.Node]:
+    """com.microsoft Attention -> int8 packed-QKV projection + Split + MultiHeadAttention."""
     hidden = q.shape[1] // 3
     base = node.name or "attention"
     qkv = _var(names, f"{base}_qkv", np.float32)
-    ins = [x, _const(names, f"{base}_qkv_w_int8", q), _const(names, f"{base}_qkv_w_scale", scale)]
-    if bias is not None:
-        ins += [gs.Variable.empty(), _const(names, f"{base}_qkv_bias", bias)]
+    wq, ws = _const(names, f"{base}_qkv_w_int8", q), _const(names, f"{base}_qkv_w_scale", scale)
+    b = [gs.Variable.empty(), _const(names, f"{base}_qkv_bias", bias)] if bias is not None else []
+    if xq is None:
+        projection = gs.Node("DynamicQuantizeMatMul", names.new(f"{base}_qkv_int8"), {}, [x, wq, ws] + b, [qkv],
+                             domain=MS)
+    else:
+        projection = gs.Node("MatMulIntegerToFloat", names.new(f"{base}_qkv_int8"), {},
+                             [xq[0], wq, xq[1], ws, xq[2]] + b, [qkv], domain=MS)
     parts = [_var(names, f"{base}_{p}", np.float32) for p in "qkv"]
     sizes = np.array([hidden] * 3, np.int64)
     split = gs.Node("Split", names.new(f"{base}_split"), {"axis": -1}, [qkv], parts)
@@ -348,7 +367,7 @@ def _attention(node, q, scale, bias, opset_version, names) -> list[gs.Node]:
     mha_ins = parts + ([gs.Variable.empty(), gs.Variable.empty(), attention_bias] if attention_bias.name else [])
     attrs = {k: v for k, v in node.attrs.items() if k in ("num_heads", "scale", "mask_filter_value")}
     return [
-        gs.Node("DynamicQuantizeMatMul", names.new(f"{base}_qkv_int8"), {}, ins, [qkv], domain=MS),
+        projection,
         split,
         gs.Node("MultiHeadAttention", names.new(f"{base}_mha"), attrs, mha_ins, list(node.outputs), domain=MS),
     ]

@@ -263,3 +263,43 @@ def test_over_budget_is_an_error_unless_written_anyway(cli, tmp_path):
 def test_static_is_not_built_yet():
     with pytest.raises(onnxopt.UsageError, match="not built yet"):
         onnxopt.optimize(mlp(), passes=["quant"], quant="static", verify="none")
+
+
+def three_readers():
+    """q, k, v = x @ Wq, x @ Wk, x @ Wv: one input read by three weights (unfused attention's projections)."""
+    ws = [RNG.standard_normal((64, 64)).astype(np.float32) for _ in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], f"mm{i}") for i in range(3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["N", 64]) for i in range(3)],
+                              [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), ws
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("ort", ["DynamicQuantizeLinear"] + ["MatMulIntegerToFloat"] * 3),
+    ("onnx", ["DynamicQuantizeLinear"] + ["MatMulInteger", "Mul", "Cast", "Mul"] * 3),
+])
+def test_readers_of_one_input_share_its_quantization(target, expected):
+    model, ws = three_readers()
+    result = dynamic(model, target=target)
+    found = ops(result.model)
+    assert result.passes[0].counts["matmul_int8"] == 3 and found[0] == expected[0]
+    assert sorted(found) == sorted(expected)  # one quantization, then the three readers (in toposort's order)
+    x = x_feed(5)
+    got = run(result.model, x)
+    for i, w in enumerate(ws):
+        np.testing.assert_allclose(got[f"y{i}"], simulate_dynamic(x["x"]) @ deq(w), rtol=1e-5, atol=1e-4)
+
+
+def test_readers_of_one_input_share_one_smoothing():
+    model, ws = three_readers()
+    gain = np.ones(64, np.float32)
+    gain[:4] = 200.0  # outlier channels, as in transformer activations
+    model.graph.initializer.append(numpy_helper.from_array(gain, "gain"))
+    model.graph.node.insert(0, helper.make_node("Mul", ["x", "gain"], ["xg"], "gain"))
+    for node in model.graph.node[1:]:
+        node.input[0] = "xg"
+    result = onnxopt.optimize(model, passes=["quant"], quant="dynamic", target="ort", calibration_data=calibration(),
+                              options=["quant.fallback=false"], min_cosine=0.5)
+    assert result.passes[0].counts["smoothed"] == 3
+    assert ops(result.model) == ["Mul", "Mul", "DynamicQuantizeLinear"] + ["MatMulIntegerToFloat"] * 3
