@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 VERIFY_MODES = ("none", "final", "each")
 MAX_EVALUATION_SAMPLES = 64  # held-out calibration samples the budget and the final check are measured on
-LOSSY_BUDGETS = {"fp16": 0.999, "mixed": 0.999}  # default --min-cosine per quant mode (else 0.99)
+LOSSY_BUDGETS = {"fp16": 0.999, "mixed": 0.999, "int4": 0.98}  # default --min-cosine per quant mode (else 0.99)
 
 
 @dataclass
@@ -70,12 +70,13 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
              explain: bool = False, progress: Callable[[str], None] | None = None) -> Result:
     """Run the selected passes on a model file or ModelProto, verify, and write `output` atomically.
 
-    quant: the quant pass's mode (fp16; the other modes of issue 4 are not built yet).
+    quant: the quant pass's mode: fp16, mixed, dynamic or int4 (static and int8: not built yet).
     calibration_data: an .npz (one array per input, first axis = samples), a folder of .npz files
     (one sample each), or an iterable of feed dicts.
     min_cosine: the error budget of lossy passes: every output's cosine against the original
-    (default 0.999 for fp16, else 0.99). write_over_budget: write a result that misses it anyway
-    (the misses are in Result.verification["over_budget"]); otherwise VerificationError.
+    (default 0.999 for fp16 and mixed, 0.98 for int4, else 0.99).
+    write_over_budget: write a result that misses it anyway (the misses are in
+    Result.verification["over_budget"]); otherwise VerificationError.
     max_opset: the opset a pass may raise the model to when a fused operator needs it (None:
     the model's opset is kept).
     explain: passes record why near-misses were not rewritten (Result.explain).

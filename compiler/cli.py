@@ -60,16 +60,17 @@ class Progress:
               help="Let fuse raise the model's opset up to N where a fused standard operator needs it "
                    "(LayerNormalization 17, Gelu 20, Attention and RMSNormalization 23). Default: keep the opset.")
 @click.option("--quant", "quant", metavar="MODE",
-              help="The quant pass's mode (with quant in --passes): fp16 (float16 weights and compute) or "
-                   "dynamic (int8 weights, activations quantized at run time). static, mixed, int4 and int8 "
-                   "are not built yet.")
+              help="The quant pass's mode (with quant in --passes): fp16 (float16 weights and compute), mixed "
+                   "(float16 where the budget holds, measured), dynamic (int8 weights, activations quantized at "
+                   "run time) or int4 (4-bit block-wise weights, --target ort). static and int8 are not built yet.")
 @click.option("--calibration-data", "calibration_path", metavar="PATH",
               help="Calibration samples: an .npz with one array per input (first axis = samples), or a folder "
                    "of .npz files with one sample each. The last quarter is held back: the error budget and "
                    "the final verification are measured on it when no --inputs are given.")
 @click.option("--min-cosine", type=float, metavar="C",
               help="Error budget of lossy passes: every output's mean cosine similarity against the original "
-                   "model must be at least C (default 0.999 for fp16, else 0.99), or nothing is written.")
+                   "model must be at least C (default 0.999 for fp16 and mixed, 0.98 for int4, else 0.99), or "
+                   "nothing is written.")
 @click.option("--write-over-budget", is_flag=True,
               help="Write the result even when an output misses --min-cosine (each miss is a warning).")
 @click.option("--external-data", is_flag=True,

@@ -3,17 +3,21 @@
 Modes (`--quant`):
 - fp16: float16 weights and compute wherever onnxruntime has a float16 kernel and the values fit
   (fp16.py); graph inputs and outputs keep their types unless `quant.keep_io_types=false`.
+- mixed: fp16 where the measured error stays inside the budget; runs of consecutive nodes go back
+  to float32, the most sensitive first, until it holds.
 - dynamic: int8 weights, activations quantized at run time, for MatMul/Gemm, embedding Gathers
-  and (ort) packed-QKV attention (int8.py). Needs no calibration data: the error is measured on
-  the evaluation samples (held-out calibration samples when given, else generated inputs).
-- static, mixed, int4, int8: not built yet (issue 4).
+  and (ort) packed-QKV attention (int8.py), SmoothQuant from the calibration data.
+- int4 (ort): 4-bit block-wise weights in MatMulNBits / GatherBlockQuantized, GPTQ with
+  calibration data, round-to-nearest without (int4.py).
+- static, int8: not built yet (issue 4).
 
-The pass is lossy. The dynamic mode measures its result against the float model and, when an
-output misses the budget (`--min-cosine`, default 0.99), puts the most sensitive nodes back in
-float until it holds (budget.py; option quant.fallback=false turns this off). The final
-verification then checks every output's cosine against the original model (default budget 0.999
-for fp16) and that no NaN or Inf appears where the original has none; a result that misses the
-budget is not written.
+The error is measured on the evaluation samples (held-out calibration samples when given, else
+generated inputs) against the float model; when an output misses the budget (`--min-cosine`;
+default 0.999 for fp16 and mixed, 0.98 for int4, 0.99 otherwise), mixed, dynamic and int4 put the
+most sensitive units back in float until it holds (budget.py; quant.fallback=false turns this
+off). The final verification then checks every output's cosine against the original model and
+that no NaN or Inf appears where the original has none; a result that misses the budget is not
+written unless --write-over-budget.
 """
 
 from __future__ import annotations
@@ -28,13 +32,25 @@ from onnxopt.graph import Names, cleanup, opset
 from onnxopt.passes.cleanup import merge_duplicate_constants
 from onnxopt.pipeline import Pass
 
-from . import int8
-from .budget import Measure, fit_budget
+from . import int4, int8
+from .budget import Measure, copy_model, fit_budget
 from .calib import channel_rows, observe
 from .fp16 import convert_to_fp16
 
-MODES = ("fp16", "dynamic")
+MODES = ("fp16", "mixed", "dynamic", "int4")
+MIXED_GROUPS = 48  # at most this many units the mixed mode measures (runs of consecutive nodes)
 SMOOTH_SAMPLES = 64  # calibration samples whose activations choose the SmoothQuant factors
+
+
+@dataclass
+class MixedUnit:
+    """A run of consecutive float16-capable nodes the mixed mode keeps or reverts together."""
+
+    index: int
+    kind: str
+    label: str
+    params: int
+    members: list
 
 
 class QuantPass(Pass):
@@ -49,12 +65,18 @@ class QuantPass(Pass):
         fallback: bool = True  # nodes go back to float until the budget holds
         reduce_range: bool = True  # int8: 7-bit weights; 8 bits saturate in onnxruntime's AVX2 kernels without VNNI
         smooth: bool = True  # int8: SmoothQuant where it cuts the simulated error (needs calibration data)
+        method: str = ""  # int4: rtn or gptq (default: gptq with calibration data, else rtn)
+        accuracy_level: int = 0  # int4: MatMulNBits' accuracy_level (4: int8 arithmetic, faster, less exact)
 
     def run(self, model, ctx):
         if ctx.quant not in MODES:
             raise UsageError(f"--quant {ctx.quant}: not built yet (available: {', '.join(MODES)})")
         if ctx.quant == "dynamic":
             return self.dynamic(model, ctx)
+        if ctx.quant == "int4":
+            return self.int4(model, ctx)
+        if ctx.quant == "mixed":
+            return self.mixed(model, ctx)
         graph = model.graph
         report = convert_to_fp16(graph, opset(graph), Names(graph), keep_io_types=self.options.keep_io_types)
         # float32 constants that differ only below float16's precision are now equal: keep one
@@ -100,13 +122,7 @@ class QuantPass(Pass):
         fit = fit_budget(model, sites, rewrite, Measure(model, ctx.evaluation, ctx.min_cosine),
                          self.options.fallback)
         rewrite(model, fit.chosen)
-        for label, loss in list(fit.sensitivity.items())[:10]:
-            ctx.log(f"quant: sensitivity {label}: cosine {1 - loss:.6f} with only it quantized")
-        if fit.kept:
-            ctx.log(f"quant: kept in float for the budget (cosine >= {ctx.min_cosine}): "
-                    f"{', '.join(s.label for s in fit.kept)}")
-        ctx.log(f"quant: dynamic int8: {len(fit.chosen)} of {len(sites)} nodes quantized, "
-                f"worst output mean cosine {fit.score:.6f} on {len(ctx.evaluation)} sample(s), {fit.trials} trial(s)")
+        self.log_fit(ctx, fit, sites, "dynamic int8")
         counts = Counter(f"{s.kind}_int8" for s in fit.chosen)
         counts["smoothed"] = sum(s.smooth is not None for s in fit.chosen)
         counts["kept_float_for_budget"] = len(fit.kept)
@@ -138,3 +154,96 @@ class QuantPass(Pass):
                 ctx.log(f"quant: {', '.join(s.label for s in group)}: simulated error {plain:.2e}"
                         + (f" -> {err:.2e} with SmoothQuant" if factors is not None else ", not smoothed"))
         return sum(s.smooth is not None for s in linear)
+
+    def int4(self, model, ctx) -> Counter:
+        if ctx.target != "ort":
+            raise UsageError("--quant int4 needs --target ort (onnxruntime's MatMulNBits and GatherBlockQuantized)")
+        method = self.options.method or ("gptq" if ctx.calibration_data else "rtn")
+        if method not in ("rtn", "gptq"):
+            raise UsageError(f"bad --opt quant.method={method}: expected rtn or gptq")
+        if method == "gptq" and not ctx.calibration_data:
+            raise UsageError("quant.method=gptq needs --calibration-data")
+        graph = model.graph
+        version = opset(graph)
+        sites = [s for s in int8.dynamic_sites(graph, "ort", version)[0]
+                 if s.kind != "gather" or graph.nodes[s.index].inputs[0].shape[1] % int4.BLOCK == 0]
+        if not sites:
+            ctx.log("quant: nothing to quantize in int4 mode (no MatMul, Gemm or Gather with float32 weights)")
+            return Counter()
+        if not ctx.calibration_data:
+            ctx.log("quant: no --calibration-data: round-to-nearest, and the error is measured on generated inputs")
+        hessians = self.input_products(model, sites, ctx) if method == "gptq" else {}
+        nodes = graph.nodes
+        weights = {s.index: int4.site_weight(nodes[s.index], s.kind, hessians.get(nodes[s.index].inputs[0].name))
+                   for s in sites}
+
+        def rewrite(m, chosen):
+            int4.quantize_sites(m.graph, chosen, weights, version, Names(m.graph), self.options.accuracy_level)
+            cleanup(m.graph)
+
+        fit = fit_budget(model, sites, rewrite, Measure(model, ctx.evaluation, ctx.min_cosine),
+                         self.options.fallback)
+        rewrite(model, fit.chosen)
+        self.log_fit(ctx, fit, sites, f"int4 ({method})")
+        counts = Counter(f"{s.kind}_int4" for s in fit.chosen)
+        counts["kept_float_for_budget"] = len(fit.kept)
+        counts["weights_int4"] = sum(s.params for s in fit.chosen)
+        return +counts
+
+    @staticmethod
+    def input_products(model, sites, ctx) -> dict:
+        """X^T X of every linear site's input over the calibration samples (GPTQ's H)."""
+        nodes = model.graph.nodes
+        names = sorted({nodes[s.index].inputs[0].name for s in sites if s.kind != "gather"})
+        products: dict[str, np.ndarray] = {}
+
+        def add(outs):
+            for name, x in outs.items():
+                rows = channel_rows(x, 1 << 16).astype(np.float64)
+                products[name] = products.get(name, 0) + rows.T @ rows
+
+        observe(model, names, ctx.calibration_data, add)
+        return products
+
+    @staticmethod
+    def log_fit(ctx, fit, sites, what: str, noun: str = "nodes") -> None:
+        for label, loss in list(fit.sensitivity.items())[:10]:
+            ctx.log(f"quant: sensitivity {label}: cosine {1 - loss:.6f} with only it quantized")
+        if fit.kept:
+            ctx.log(f"quant: kept in float for the budget (cosine >= {ctx.min_cosine}): "
+                    f"{', '.join(s.label for s in fit.kept)}")
+        ctx.log(f"quant: {what}: {len(fit.chosen)} of {len(sites)} {noun} quantized, "
+                f"worst output mean cosine {fit.score:.6f} on {len(ctx.evaluation)} sample(s), {fit.trials} trial(s)")
+
+    def mixed(self, model, ctx) -> Counter:
+        """float16 wherever the budget holds: the fp16 conversion, measured; when an output misses
+        the budget, runs of consecutive nodes go back to float32, the most sensitive first."""
+        version = opset(model.graph)
+        trial = copy_model(model)
+        converted = convert_to_fp16(trial.graph, version, Names(trial.graph), self.options.keep_io_types).converted_at
+        del trial
+        if not converted:
+            ctx.log("quant: nothing runs in float16 here")
+            return Counter()
+        size = -(-len(converted) // MIXED_GROUPS)  # nodes per unit
+        nodes = model.graph.nodes
+        units = []
+        for k in range(0, len(converted), size):
+            members = converted[k:k + size]
+            label = nodes[members[0]].name or f"{nodes[members[0]].op}#{members[0]}"
+            if len(members) > 1:
+                label += f" (+{len(members) - 1} after it)"
+            units.append(MixedUnit(members[0], "fp16", label, 0, members))
+
+        def rewrite(m, chosen):
+            keep = frozenset(converted) - {i for u in chosen for i in u.members}
+            convert_to_fp16(m.graph, version, Names(m.graph), self.options.keep_io_types, keep=keep)
+            merge_duplicate_constants(m.graph)
+            cleanup(m.graph)
+
+        fit = fit_budget(model, units, rewrite, Measure(model, ctx.evaluation, ctx.min_cosine),
+                         self.options.fallback)
+        rewrite(model, fit.chosen)
+        self.log_fit(ctx, fit, units, "mixed float16", "runs of nodes")
+        return Counter({"nodes_to_fp16": sum(len(u.members) for u in fit.chosen),
+                        "nodes_kept_fp32_for_budget": sum(len(u.members) for u in fit.kept)}) + Counter()

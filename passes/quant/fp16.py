@@ -55,6 +55,7 @@ SOURCES = {"Constant"}  # handled as constants, not as nodes
 @dataclass
 class Fp16Report:
     converted: list[str] = field(default_factory=list)  # nodes now running in float16
+    converted_at: list[int] = field(default_factory=list)  # their positions in graph.nodes
     kept: dict[str, str] = field(default_factory=dict)  # node -> why it stays float32
     constants_converted: int = 0
     constant_bytes_before: int = 0  # float32 bytes of the converted constants
@@ -75,8 +76,10 @@ class _Plan:
 
 
 def convert_to_fp16(graph: gs.Graph, opset: int, names: Names, keep_io_types: bool = True,
-                    block: frozenset[str] = DEFAULT_BLOCK, probed: dict | None = None) -> Fp16Report:
-    """Convert the main graph's float32 computation to float16 in place (see the module docstring)."""
+                    block: frozenset[str] = DEFAULT_BLOCK, probed: dict | None = None,
+                    keep: frozenset[int] = frozenset()) -> Fp16Report:
+    """Convert the main graph's float32 computation to float16 in place (see the module docstring).
+    keep: positions in graph.nodes of nodes that stay float32 (the mixed mode's choice)."""
     report = Fp16Report(functions_untouched=len(graph.functions))
     probed = {} if probed is None else probed
     opsets = {o.domain: o.version for o in (graph.import_domains or [])}
@@ -102,11 +105,14 @@ def convert_to_fp16(graph: gs.Graph, opset: int, names: Names, keep_io_types: bo
         if node.op in SOURCES or node.op in FLEXIBLE:
             continue
         plan, reason = _decide(node, opset, opsets, block, probed, top, report, local_functions)
+        if plan and i in keep:
+            plan, reason = None, "kept float32 for the error budget"
         if reason:
             report.kept[_label(node, i)] = reason
         elif plan:
             plans[id(node)] = plan
             report.converted.append(_label(node, i))
+            report.converted_at.append(i)
 
     main = {id(n) for n in graph.nodes}
     out_ids = {id(t) for t in graph.outputs}

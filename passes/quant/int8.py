@@ -356,6 +356,13 @@ def _attention(node, x, xq, q, scale, bias, opset_version, names) -> list[gs.Nod
     else:
         projection = gs.Node("MatMulIntegerToFloat", names.new(f"{base}_qkv_int8"), {},
                              [xq[0], wq, xq[1], ws, xq[2]] + b, [qkv], domain=MS)
+    return [projection] + _attention_core(node, qkv, hidden, opset_version, names)
+
+
+def _attention_core(node, qkv, hidden, opset_version, names) -> list[gs.Node]:
+    """What follows a packed QKV projection `qkv` that replaced Attention `node`: Split into Q, K,
+    V and MultiHeadAttention with the node's heads, scale, mask value and attention bias."""
+    base = node.name or "attention"
     parts = [_var(names, f"{base}_{p}", np.float32) for p in "qkv"]
     sizes = np.array([hidden] * 3, np.int64)
     split = gs.Node("Split", names.new(f"{base}_split"), {"axis": -1}, [qkv], parts)
@@ -366,8 +373,5 @@ def _attention(node, x, xq, q, scale, bias, opset_version, names) -> list[gs.Nod
     attention_bias = node.inputs[5] if len(node.inputs) > 5 and node.inputs[5].name else gs.Variable.empty()
     mha_ins = parts + ([gs.Variable.empty(), gs.Variable.empty(), attention_bias] if attention_bias.name else [])
     attrs = {k: v for k, v in node.attrs.items() if k in ("num_heads", "scale", "mask_filter_value")}
-    return [
-        projection,
-        split,
-        gs.Node("MultiHeadAttention", names.new(f"{base}_mha"), attrs, mha_ins, list(node.outputs), domain=MS),
-    ]
+    return [split,
+            gs.Node("MultiHeadAttention", names.new(f"{base}_mha"), attrs, mha_ins, list(node.outputs), domain=MS)]

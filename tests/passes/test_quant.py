@@ -71,7 +71,7 @@ def test_min_cosine_sets_the_budget():
 @pytest.mark.parametrize("kwargs, message", [
     ({"passes": ["quant"]}, "the quant pass needs --quant MODE"),
     ({"passes": ["fold"], "quant": "fp16"}, "--quant fp16 needs the quant pass in --passes"),
-    ({"passes": ["quant"], "quant": "static"}, "--quant static: not built yet (available: fp16, dynamic)"),
+    ({"passes": ["quant"], "quant": "static"}, "--quant static: not built yet (available: fp16, mixed, dynamic, int4)"),
 ])
 def test_usage_errors(kwargs, message):
     with pytest.raises(onnxopt.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -112,3 +112,28 @@ def test_cli_quant_flags(cli, tmp_path):
     assert os.path.getsize(out) < os.path.getsize(src)
     ran = cli(src, "-o", tmp_path / "o2.onnx", "--passes", "quant", "--quant", "fp16", "--min-cosine", "2")
     assert ran.code == 2 and "bad --min-cosine 2.0" in ran.err
+
+
+def test_mixed_is_fp16_where_the_budget_holds():
+    result = onnxopt.optimize(mlp(), passes=["quant"], quant="mixed")
+    assert result.passes[0].counts == {"nodes_to_fp16": 4}
+    assert ops(result.model) == ["Cast", "MatMul", "Add", "Relu", "MatMul", "Cast"]
+
+
+def test_mixed_keeps_float32_where_float16_breaks_the_budget():
+    """x + 1000.3 - 1000: in float16 the constant is 1000.5, every output 0.2 off; the Mul after
+    it is harmless. (onnxruntime's CPU computes these ops in float32, so the constants decide.)"""
+    model = from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[4,16] x) => (float[4,16] y) <float c1 = {1000.3}, float c2 = {1000.0}, float s = {3.0}> {
+            a = Add(x, c1)
+            b = Sub(a, c2)
+            y = Mul(b, s)
+        }""")
+    data = [{"x": np.random.default_rng(i).standard_normal((4, 16)).astype(np.float32)} for i in range(8)]
+    with pytest.raises(onnxopt.VerificationError, match="missed the error budget"):
+        onnxopt.optimize(model, passes=["quant"], quant="fp16", calibration_data=data)
+    result = onnxopt.optimize(model, passes=["quant"], quant="mixed", calibration_data=data)
+    assert result.passes[0].counts == {"nodes_to_fp16": 2, "nodes_kept_fp32_for_budget": 1}
+    assert result.verification["outputs"][0]["cosine"] >= 0.999
+    assert any("kept in float for the budget (cosine >= 0.999): Add#0" in line for line in result.explain)

@@ -1,5 +1,5 @@
 """quant --quant dynamic: int8 weights, activations quantized at run time (passes/quant/int8.py),
-SmoothQuant and the budget's fallback to float (passes/quant/budget.py).
+SmoothQuant and the budget's fallback to float (passes/quant/budget.py); --quant int4 (int4.py).
 
 Numerics: onnxruntime's integer kernels are exact, so the quantized model's outputs equal a numpy
 model of the same arithmetic (DynamicQuantizeLinear's uint8 activations, our int8 weights and
@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from models.builders import ops, run
+from onnxopt.passes.quant import int4 as int4_mod
 from onnxopt.passes.quant.int8 import quantize_columns, simulate_dynamic
 
 RNG = np.random.default_rng(0)
@@ -303,3 +304,82 @@ def test_readers_of_one_input_share_one_smoothing():
                               options=["quant.fallback=false"], min_cosine=0.5)
     assert result.passes[0].counts["smoothed"] == 3
     assert ops(result.model) == ["Mul", "Mul", "DynamicQuantizeLinear"] + ["MatMulIntegerToFloat"] * 3
+
+
+# ----------------------------------------------------------------------------------- int4
+
+
+def int4(model, **kw):
+    kw.setdefault("options", ["quant.fallback=false"])
+    kw.setdefault("min_cosine", 0.5)
+    kw.setdefault("inputs", x_feed())
+    return onnxopt.optimize(model, passes=["quant"], quant="int4", target="ort", **kw)
+
+
+def test_int4_blocks_round_trip_and_padding():
+    w = RNG.standard_normal((72, 5)).astype(np.float32)  # K = 72: the last block is padded
+    q, scale, zero = int4_mod.quantize_blocks(w)
+    assert q.shape == (5, 96) and scale.shape == zero.shape == (5, 3) and q.max() <= 15
+    back = int4_mod.dequantize_blocks(q, scale, zero, 72)
+    assert back.shape == (72, 5)
+    assert np.abs(back - w).max() <= scale.max() / 2 + 1e-6  # within half a level of each block
+
+
+def test_int4_placement_and_exact_numerics():
+    result = int4(mlp())
+    assert result.passes[0].counts == {"matmul_int4": 2, "weights_int4": 64 * 96 + 96 * 80}
+    out = result.model
+    assert ops(out) == ["MatMulNBits", "Add", "Relu", "MatMulNBits"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in out.graph.node[0].attribute}
+    assert attrs == {"K": 64, "N": 96, "bits": 4, "block_size": 32, "accuracy_level": 0}
+    x = x_feed(2)
+    w1, w2 = (int4_mod.dequantize_blocks(*int4_mod.quantize_blocks(w), w.shape[0]) for w in (W1, W2))
+    want = np.maximum(x["x"] @ w1 + B1, 0) @ w2
+    np.testing.assert_allclose(run(out, x)["y"], want, rtol=1e-4, atol=1e-4)
+    again = onnxopt.optimize(out, passes=["quant"], quant="int4", target="ort", inputs=x_feed())
+    assert again.passes[0].counts == {}
+
+
+def test_gptq_beats_round_to_nearest_on_the_calibration_inputs():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((512, 64)) @ rng.standard_normal((64, 64))  # correlated inputs, as in real layers
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    rtn = int4_mod.dequantize_blocks(*int4_mod.quantize_blocks(w), 64)
+    gptq = int4_mod.dequantize_blocks(*int4_mod.gptq(w, x.T @ x), 64)
+    err = {name: np.square(x @ w - x @ v).sum() for name, v in (("rtn", rtn), ("gptq", gptq))}
+    assert err["gptq"] < 0.7 * err["rtn"]
+
+
+def test_int4_gptq_through_the_pass():
+    result = int4(mlp(), calibration_data=calibration(), inputs=None)
+    assert result.passes[0].counts["matmul_int4"] == 2
+    assert any("int4 (gptq)" in line for line in result.explain)
+    rtn = int4(mlp(), calibration_data=calibration(), inputs=None, options=["quant.fallback=false", "quant.method=rtn"])
+    assert any("int4 (rtn)" in line for line in rtn.explain)
+
+
+def test_int4_embedding_gather():
+    model, table = embedding(rows=300, dim=64)
+    ids = {"ids": np.array([[0, 5, 299, 7, 7], [1, 2, 3, 150, 0]], np.int64)}
+    result = int4(model, inputs=ids)
+    assert result.passes[0].counts == {"gather_int4": 1, "weights_int4": 300 * 64}
+    assert ops(result.model) == ["GatherBlockQuantized"]
+    want = int4_mod.dequantize_blocks(*int4_mod.quantize_blocks(table.T), 64).T[ids["ids"]]
+    np.testing.assert_allclose(run(result.model, ids)["y"], want, rtol=1e-6, atol=1e-6)
+
+
+def test_int4_attention():
+    model, w, b = attention_model()
+    feeds = {"x": np.ones((2, 7, 64), np.float32), "bias": np.zeros((2, 1, 7, 7), np.float32)}
+    result = int4(model, inputs=feeds)
+    assert ops(result.model) == ["MatMulNBits", "Add", "Split", "MultiHeadAttention"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target": "onnx"}, "--quant int4 needs --target ort"),
+    ({"target": "ort", "options": ["quant.method=gptq"]}, "quant.method=gptq needs --calibration-data"),
+    ({"target": "ort", "options": ["quant.method=awq"]}, "bad --opt quant.method=awq"),
+])
+def test_int4_usage_errors(kwargs, message):
+    with pytest.raises(onnxopt.UsageError, match=message):
+        onnxopt.optimize(mlp(), passes=["quant"], quant="int4", inputs=x_feed(), **kwargs)
