@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""INT8 on MiniLM with real text: onnxopt's `--quant dynamic` against onnxruntime's quantize_dynamic.
+"""INT8 and INT4 on MiniLM with real text: onnxopt's `--quant dynamic` against onnxruntime's
+quantize_dynamic, and `--quant int4` against onnxruntime's MatMulNBitsQuantizer (block 32, RTN;
+it needs the onnx-ir package, installed with the bench requirements).
 
 Text: sentences from the standard library's docstrings (bench/text_data.py), tokenized with the
 model's tokenizer: 256 calibration sentences given to onnxopt as a folder (`--calibration-data`;
@@ -11,7 +13,8 @@ against the float model (mean and worst cosine of the sentence embeddings, mean 
 token states, and nearest-neighbour agreement: for each sentence, the most similar other
 evaluation sentence is the same one as with the float model's embeddings); latency at 128 tokens
 (onnxruntime default options, one thread, interleaved rounds, median of per-round ratios) against
-the float model, and against quantize_dynamic directly. Writes bench/int8.md and bench/int8.json.
+the float model, and against the baseline of the same kind directly (quantize_dynamic for int8,
+MatMulNBitsQuantizer for int4). Writes bench/int8.md and bench/int8.json.
 
     python bench/int8_bench.py --rounds 30
 """
@@ -33,19 +36,32 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 quantize_dynamic(sys.argv[1], sys.argv[2], weight_type=QuantType.QInt8, per_channel=sys.argv[3] == "1",
                  reduce_range=sys.argv[3] == "1")
 """
+ORT_INT4 = """import sys, onnx
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+q = MatMulNBitsQuantizer(onnx.load(sys.argv[1]), block_size=32, is_symmetric=False)
+q.process()
+onnx.save(q.model.model, sys.argv[2])
+"""
 MODELS = {"MiniLM legacy": "all-MiniLM-L6-v2_legacy_op17.onnx", "MiniLM dynamo": "all-MiniLM-L6-v2_dynamo_op18.onnx"}
 TOOLS = {
     "onnxopt dynamic (ort)": ["--passes", "fold,cleanup,fuse,quant", "--quant", "dynamic", "--target", "ort"],
     "onnxopt dynamic (onnx)": ["--passes", "fold,cleanup,fuse,quant", "--quant", "dynamic"],
     "quantize_dynamic": "0",
     "quantize_dynamic per-channel, reduce_range": "1",
+    "onnxopt int4 gptq (ort)": ["--passes", "fold,cleanup,fuse,quant", "--quant", "int4", "--target", "ort"],
+    "onnxopt int4 rtn (ort)": ["--passes", "fold,cleanup,fuse,quant", "--quant", "int4", "--target", "ort",
+                               "--opt", "quant.method=rtn"],
+    "MatMulNBitsQuantizer": "int4",
 }
+BASELINE = {tool: "MatMulNBitsQuantizer" if "int4" in tool else "quantize_dynamic" for tool in TOOLS}
 
 
 def make(tool, src, out, calib, args):
     spec = TOOLS[tool]
     if isinstance(spec, list):
         cmd = args.onnxopt_cmd.split() + [str(src), "-o", str(out), "--calibration-data", str(calib), "-q"] + spec
+    elif spec == "int4":
+        cmd = [sys.executable, "-c", ORT_INT4, str(src), str(out)]
     else:
         cmd = [sys.executable, "-c", ORT_DYNAMIC, str(src), str(out), spec]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -113,12 +129,12 @@ def main():
             row = {"model": label, "tool": tool, "size": out.stat().st_size / src.stat().st_size}
             row.update(fidelity(ref, outputs(out, evaluation)))
             row["latency"], row["ms_float"], row["ms"] = rb.latency(src, out, lat_feeds, args.rounds, args.warmup)
-            if tool != "quantize_dynamic":
-                row["vs_ort"] = rb.latency(made["quantize_dynamic"], out, lat_feeds, args.rounds, args.warmup)[0]
+            if tool != BASELINE[tool]:
+                row["vs_ort"] = rb.latency(made[BASELINE[tool]], out, lat_feeds, args.rounds, args.warmup)[0]
             rows.append(row)
             print(row, flush=True)
     env = rb.environment(sys.argv)
-    lines = ["# INT8 on MiniLM with real text", "",
+    lines = ["# INT8 and INT4 on MiniLM with real text", "",
              f"- date: {env['date']}", f"- command: `python bench/int8_bench.py {' '.join(sys.argv[1:])}`",
              f"- machine: {env['cpu']}, nproc={env['nproc']}; "
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if k in ("onnxruntime", "onnx", "numpy")),
@@ -126,7 +142,9 @@ def main():
              "(onnxopt holds back 64 of them for its budget), 128 separate evaluation sentences",
              "- latency: 128 tokens, onnxruntime default options, one thread, median of per-round ratios "
              f"over {args.rounds} interleaved rounds", "",
-             "| model | tool | size | latency vs float | vs quantize_dynamic | sentence cosine mean | worst | "
+             "'vs baseline': the latency ratio to quantize_dynamic (int8 rows) or MatMulNBitsQuantizer "
+             "(int4 rows), interleaved in the same run", "",
+             "| model | tool | size | latency vs float | vs baseline | sentence cosine mean | worst | "
              "token cosine mean | max abs err | nearest-neighbour agreement |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

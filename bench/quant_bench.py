@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""float16 models: onnxopt's `--quant fp16` against onnxconverter-common's convert_float_to_float16.
+"""float16 models: onnxopt's `--quant fp16` and `--quant mixed` against onnxconverter-common's
+convert_float_to_float16.
 
 For every bench model (the ones run_bench.py uses, fetched the same way) it makes a float16 model
 with each tool, then records: whether onnxruntime loads and runs it, file size against the float
@@ -24,13 +25,14 @@ from onnxconverter_common import float16
 m = onnx.load(sys.argv[1])
 onnx.save(float16.convert_float_to_float16(m, keep_io_types=True), sys.argv[2])
 """
-TOOLS = ["onnxopt-fp16", "onnxconverter-fp16"]
+TOOLS = ["onnxopt-fp16", "onnxopt-mixed", "onnxconverter-fp16"]
 
 
 def make(tool, src, out, inputs, args):
-    if tool == "onnxopt-fp16":
+    if tool.startswith("onnxopt-"):
         cmd = args.onnxopt_cmd.split() + [str(src), "-o", str(out), "--passes", "fold,cleanup,fuse,quant",
-                                          "--quant", "fp16", "--target", "ort", "--inputs", str(inputs), "-q"]
+                                          "--quant", tool.split("-")[1], "--target", "ort", "--inputs", str(inputs),
+                                          "-q"]
     else:
         reason = rb.ensure_installed("onnxconverter_common", not args.no_install)
         if reason:
@@ -104,12 +106,13 @@ def main():
         env["versions"]["onnxconverter-common"] = rb.importlib.metadata.version("onnxconverter-common")
     except rb.importlib.metadata.PackageNotFoundError:
         env["versions"]["onnxconverter-common"] = "not installed"
-    lines = ["# float16: onnxopt --quant fp16 against onnxconverter-common", "",
+    lines = ["# float16: onnxopt --quant fp16 and mixed against onnxconverter-common", "",
              f"- date: {env['date']}",
              f"- command: `{' '.join(['python bench/quant_bench.py'] + sys.argv[1:])}`",
              "- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if k not in ("onnxsim", "onnxslim")),
              f"- machine: nproc={env['nproc']}, CPU: {env['cpu']}",
-             "- onnxopt-fp16: `--passes fold,cleanup,fuse,quant --quant fp16 --target ort`; onnxconverter-fp16: "
+             "- onnxopt-fp16 / -mixed: `--passes fold,cleanup,fuse,quant --quant fp16|mixed --target ort` "
+             "(mixed: float16 where the measured error keeps cosine >= 0.999); onnxconverter-fp16: "
              "`convert_float_to_float16(model, keep_io_types=True)`; cosine = worst output against the float "
              "model on the bench inputs (MiniLM: the real sample sentences); latency ratio against the float "
              "model, onnxruntime default options, 1 thread (CPU float16 is emulated: not a speed target)", "",
