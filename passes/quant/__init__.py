@@ -55,7 +55,7 @@ class MixedUnit:
 
 class QuantPass(Pass):
     name = "quant"
-    summary = "precision reduction inside an error budget (--quant fp16|dynamic)"
+    summary = "precision reduction inside an error budget (--quant fp16|mixed|dynamic|int4)"
     after = ("fold", "cleanup", "fuse")
     tolerance = "lossy"
 
