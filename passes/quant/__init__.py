@@ -9,11 +9,13 @@ Modes (`--quant`):
   and (ort) packed-QKV attention (int8.py), SmoothQuant from the calibration data.
 - int4 (ort): 4-bit block-wise weights in MatMulNBits / GatherBlockQuantized, GPTQ with
   calibration data, round-to-nearest without (int4.py).
-- static, int8: not built yet (issue 4).
+- static: int8 QDQ calibrated on the calibration data, laid out for onnxruntime's integer
+  kernels (static.py).
+- int8 (the automatic choice between dynamic and static): not built yet (issue 4).
 
 The error is measured on the evaluation samples (held-out calibration samples when given, else
 generated inputs) against the float model; when an output misses the budget (`--min-cosine`;
-default 0.999 for fp16 and mixed, 0.98 for int4, 0.99 otherwise), mixed, dynamic and int4 put the
+default 0.999 for fp16 and mixed, 0.98 for int4, 0.99 otherwise), every mode but fp16 puts the
 most sensitive units back in float until it holds (budget.py; quant.fallback=false turns this
 off). The final verification then checks every output's cosine against the original model and
 that no NaN or Inf appears where the original has none; a result that misses the budget is not
@@ -28,16 +30,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxopt.errors import UsageError
-from onnxopt.graph import Names, cleanup, opset
+from onnxopt.graph import Names, cleanup, opset, raise_opset
 from onnxopt.passes.cleanup import merge_duplicate_constants
 from onnxopt.pipeline import Pass
 
 from . import int4, int8
+from . import static as qdq
 from .budget import Measure, copy_model, fit_budget
 from .calib import channel_rows, observe
 from .fp16 import convert_to_fp16
 
-MODES = ("fp16", "mixed", "dynamic", "int4")
+MODES = ("fp16", "mixed", "dynamic", "static", "int4")
 MIXED_GROUPS = 48  # at most this many units the mixed mode measures (runs of consecutive nodes)
 SMOOTH_SAMPLES = 64  # calibration samples whose activations choose the SmoothQuant factors
 
@@ -55,7 +58,7 @@ class MixedUnit:
 
 class QuantPass(Pass):
     name = "quant"
-    summary = "precision reduction inside an error budget (--quant fp16|mixed|dynamic|int4)"
+    summary = "precision reduction inside an error budget (--quant fp16|mixed|dynamic|static|int4)"
     after = ("fold", "cleanup", "fuse")
     tolerance = "lossy"
 
@@ -67,6 +70,7 @@ class QuantPass(Pass):
         smooth: bool = True  # int8: SmoothQuant where it cuts the simulated error (needs calibration data)
         method: str = ""  # int4: rtn or gptq (default: gptq with calibration data, else rtn)
         accuracy_level: int = 0  # int4: MatMulNBits' accuracy_level (4: int8 arithmetic, faster, less exact)
+        calibration: str = "minmax"  # static: how activation ranges are set (minmax or percentile)
 
     def run(self, model, ctx):
         if ctx.quant not in MODES:
@@ -77,6 +81,8 @@ class QuantPass(Pass):
             return self.int4(model, ctx)
         if ctx.quant == "mixed":
             return self.mixed(model, ctx)
+        if ctx.quant == "static":
+            return self.static(model, ctx)
         graph = model.graph
         report = convert_to_fp16(graph, opset(graph), Names(graph), keep_io_types=self.options.keep_io_types)
         # float32 constants that differ only below float16's precision are now equal: keep one
@@ -247,3 +253,42 @@ class QuantPass(Pass):
         self.log_fit(ctx, fit, units, "mixed float16", "runs of nodes")
         return Counter({"nodes_to_fp16": sum(len(u.members) for u in fit.chosen),
                         "nodes_kept_fp32_for_budget": sum(len(u.members) for u in fit.kept)}) + Counter()
+
+    def static(self, model, ctx) -> Counter:
+        if not ctx.calibration_data:
+            raise UsageError("--quant static needs --calibration-data: activation ranges come from real inputs")
+        method = self.options.calibration
+        if method not in ("minmax", "percentile"):
+            raise UsageError(f"bad --opt quant.calibration={method}: expected minmax or percentile")
+        counts = Counter()
+        if opset(model.graph) < 13:  # per-channel QuantizeLinear/DequantizeLinear: opset 13
+            before = opset(model.graph)
+            raise_opset(model, 13)
+            counts[f"opset_raised_{before}_to_13"] = 1
+            ctx.log(f"quant: opset {before} raised to 13 for per-channel QuantizeLinear/DequantizeLinear")
+        graph = model.graph
+        sites, absorbed = qdq.static_sites(graph)
+        if not sites:
+            ctx.log("quant: nothing to quantize in static mode (no Conv, Gemm, MatMul, Add, Concat or pooling)")
+            return counts
+        observed = qdq.observed_tensors(graph, sites, absorbed)
+        ranges = qdq.RangeObserver()
+        observe(model, observed, ctx.calibration_data, ranges.add)
+        if method == "percentile":
+            observe(model, observed, ctx.calibration_data, lambda outs: ranges.add(outs, histograms=True))
+        params = {name: qdq.quant_params(*ranges.range(name, method)) for name in observed}
+        qmax = 63 if self.options.reduce_range else 127
+
+        def rewrite(m, chosen):
+            _, here = qdq.static_sites(m.graph)  # the same positions in a copy: its own nodes
+            qdq.quantize_static(m.graph, chosen, here, params, Names(m.graph), qmax)
+            cleanup(m.graph)
+
+        fit = fit_budget(model, sites, rewrite, Measure(model, ctx.evaluation, ctx.min_cosine),
+                         self.options.fallback)
+        rewrite(model, fit.chosen)
+        self.log_fit(ctx, fit, sites, f"static int8 ({method}, {len(ctx.calibration_data)} calibration samples)")
+        counts.update(f"{s.kind}_int8" for s in fit.chosen)
+        counts["activations_absorbed"] = sum(s.index in absorbed for s in fit.chosen)
+        counts["kept_float_for_budget"] = len(fit.kept)
+        return +counts

@@ -261,9 +261,9 @@ def test_over_budget_is_an_error_unless_written_anyway(cli, tmp_path):
     assert ran.err.rstrip().endswith("(budget 0.999)") and len(ran.err.strip().splitlines()) == 1
 
 
-def test_static_is_not_built_yet():
+def test_int8_auto_is_not_built_yet():
     with pytest.raises(onnxopt.UsageError, match="not built yet"):
-        onnxopt.optimize(mlp(), passes=["quant"], quant="static", verify="none")
+        onnxopt.optimize(mlp(), passes=["quant"], quant="int8", verify="none")
 
 
 def three_readers():

@@ -1,0 +1,248 @@
+"""Static INT8 (`--quant static`): a QDQ graph whose activation ranges come from calibration, laid
+out so onnxruntime fuses each DequantizeLinear -> op -> QuantizeLinear group into its integer
+kernel (QLinearConv, QGemm, QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool...).
+
+Placement (`static_sites` finds the nodes, `quantize_static` writes the graph):
+- Compute nodes: Conv and Gemm/MatMul with a constant weight, Add and Mul of two activations,
+  Concat, GlobalAveragePool, AveragePool. Each one's activation inputs and outputs are quantized;
+  its weight is int8, symmetric, one scale per output channel (7-bit unless
+  reduce_range=False: onnxruntime's AVX2 kernels without VNNI saturate full-range int8 weights);
+  a Conv/Gemm bias becomes int32 with scale input_scale * weight_scale.
+- A Relu, or a Clip from 0, right after a quantized node (and its only reader) is dropped: the
+  node's output is quantized with the activation's calibrated range starting at 0, which clamps
+  exactly as the activation did.
+- Data movement (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze) after a quantized
+  tensor carries its scale and zero point, so onnxruntime runs it on the int8 data and drops the
+  Q/DQ pair around it instead of re-quantizing.
+- A quantized tensor T becomes producer -> T_f -> QuantizeLinear -> DequantizeLinear -> T: every
+  reader and a graph output keep the name T; a graph input gets the pair in front of its readers.
+  Anything else stays float; a float node between quantized ones reads dequantized values.
+
+Activations are uint8 with a zero point; ranges always include 0. Calibration (`ranges`):
+`minmax` (the extremes over the calibration samples) or `percentile` (the 0.01% tails of a
+2048-bin histogram dropped on each side).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.graph import STANDARD_DOMAINS, Names, values
+
+from .int8 import Site, quantize_columns
+
+COMPUTE = {"Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool"}
+CARRY = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+BINS = 2048
+PERCENTILE = 99.99
+
+
+def static_sites(graph: gs.Graph) -> tuple[list[Site], dict[int, gs.Node]]:
+    """The compute nodes static mode quantizes, and for each the activation it absorbs (or none)."""
+    inputs = {id(t) for t in graph.inputs}
+    outputs = {id(t) for t in graph.outputs}
+    sites, absorbed = [], {}
+    for i, node in enumerate(graph.nodes):
+        if node.domain not in STANDARD_DOMAINS or node.op not in COMPUTE or not _float_node(node):
+            continue
+        if any(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in node.inputs):
+            continue  # quantized already (a second run)
+        weight = None
+        if node.op in ("Conv", "Gemm", "MatMul"):
+            weight = node.inputs[1] if len(node.inputs) > 1 else None
+            if not (isinstance(weight, gs.Constant) and id(weight) not in inputs and weight.dtype == np.float32):
+                continue
+            if node.op == "Gemm" and node.attrs.get("transA", 0):
+                continue
+            if node.op == "MatMul" and len(weight.shape) != 2:
+                continue
+        elif node.op in ("Add", "Mul") and any(isinstance(t, gs.Constant) for t in node.inputs):
+            continue  # a constant operand: nothing onnxruntime fuses here
+        label = node.name or f"{node.op}#{i}"
+        sites.append(Site(i, node.op.lower(), label, int(np.prod(weight.shape)) if weight is not None else 0))
+        y = node.outputs[0]
+        if len(y.outputs) == 1 and id(y) not in outputs and _absorbable(y.outputs[0]):
+            absorbed[i] = y.outputs[0]
+    return sites, absorbed
+
+
+def _float_node(node: gs.Node) -> bool:
+    return all(t.dtype in (None, np.float32) for t in list(node.inputs) + list(node.outputs) if t.name)
+
+
+def _absorbable(act: gs.Node) -> bool:
+    if act.domain not in STANDARD_DOMAINS:
+        return False
+    if act.op == "Relu":
+        return True
+    if act.op == "Clip" and len(act.inputs) > 1 and isinstance(act.inputs[1], gs.Constant):
+        return float(np.asarray(values(act.inputs[1])).reshape(())) == 0.0
+    return False
+
+
+def observed_tensors(graph: gs.Graph, sites: list[Site], absorbed: dict) -> list[str]:
+    """Names of the tensors whose ranges calibration must record."""
+    nodes = graph.nodes
+    names = set()
+    for s in sites:
+        node = nodes[s.index]
+        for t in _activation_inputs(node):
+            names.add(t.name)
+        out = absorbed[s.index].outputs[0] if s.index in absorbed else node.outputs[0]
+        names.add(out.name)
+    return sorted(names)
+
+
+def _activation_inputs(node: gs.Node) -> list[gs.Tensor]:
+    if node.op in ("Conv", "Gemm", "MatMul"):
+        return [node.inputs[0]]
+    return [t for t in node.inputs if t.name and not isinstance(t, gs.Constant)]
+
+
+class RangeObserver:
+    """Per-tensor ranges over calibration samples: minmax in one pass; percentile needs the
+    extremes first (`add` with histograms=False), then histograms (`add` again with True)."""
+
+    def __init__(self):
+        self.lo: dict[str, float] = {}
+        self.hi: dict[str, float] = {}
+        self.hist: dict[str, np.ndarray] = {}
+
+    def add(self, outs: dict[str, np.ndarray], histograms: bool = False) -> None:
+        for name, x in outs.items():
+            x = np.asarray(x, np.float32)
+            finite = x[np.isfinite(x)] if not np.isfinite(x).all() else x
+            if not finite.size:
+                continue
+            if histograms:
+                lo, hi = self.lo[name], self.hi[name]
+                h, _ = np.histogram(finite, bins=BINS, range=(lo, hi) if hi > lo else (lo, lo + 1))
+                self.hist[name] = self.hist.get(name, 0) + h
+            else:
+                self.lo[name] = min(self.lo.get(name, 0.0), float(finite.min()))
+                self.hi[name] = max(self.hi.get(name, 0.0), float(finite.max()))
+
+    def range(self, name: str, method: str) -> tuple[float, float]:
+        lo, hi = self.lo.get(name, 0.0), self.hi.get(name, 0.0)
+        if method == "percentile" and name in self.hist and hi > lo:
+            h = self.hist[name].astype(np.float64)
+            cdf = np.cumsum(h) / h.sum()
+            edges = np.linspace(lo, hi, BINS + 1)
+            tail = (100.0 - PERCENTILE) / 100.0
+            lo = min(0.0, float(edges[np.searchsorted(cdf, tail)]))
+            hi = max(0.0, float(edges[min(BINS, np.searchsorted(cdf, 1.0 - tail) + 1)]))
+        return lo, hi
+
+
+def quant_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+    """uint8 scale and zero point for a range (0 always representable exactly)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zero = int(np.clip(np.rint(-lo / scale), 0, 255))
+    return np.float32(scale), np.uint8(zero)
+
+
+def quantize_static(graph: gs.Graph, sites: list[Site], absorbed: dict, params: dict[str, tuple],
+                    names: Names, qmax: int = 63) -> None:
+    """Write the QDQ graph for the chosen sites. params: tensor name -> (scale, zero point) from
+    calibration (for an absorbed activation: under the activation's output name)."""
+    nodes = list(graph.nodes)
+    graph_inputs = {id(t) for t in graph.inputs}
+    done: dict[int, tuple] = {}  # quantized tensor id -> its (scale, zero point)
+    inserted: dict[int, list] = {}  # node position -> Q/DQ nodes placed right after it
+    before: dict[int, list] = {}  # node position -> its weight's DequantizeLinear nodes
+    front: list[gs.Node] = []  # Q/DQ nodes of graph inputs
+
+    def quantize(t: gs.Tensor, scale, zero, after: int | None):
+        if id(t) in done or isinstance(t, gs.Constant):
+            return
+        done[id(t)] = (scale, zero)
+        s_const = gs.Constant(names.new(f"{t.name}_scale"), np.array(scale, np.float32))
+        z_const = gs.Constant(names.new(f"{t.name}_zero_point"), np.array(zero, np.uint8))
+        q = gs.Variable(names.new(f"{t.name}_quantized"), np.uint8, t.shape)
+        if id(t) in graph_inputs or not t.inputs:
+            dq = gs.Variable(names.new(f"{t.name}_dequantized"), np.float32, t.shape)
+            readers = [(n, k) for n in list(t.outputs) for k, x in enumerate(n.inputs) if x is t]
+            for n, k in readers:
+                n.inputs[k] = dq
+            done[id(dq)] = (scale, zero)
+            front.extend([gs.Node("QuantizeLinear", names.new(f"{t.name}_Q"), {}, [t, s_const, z_const], [q]),
+                          gs.Node("DequantizeLinear", names.new(f"{t.name}_DQ"), {}, [q, s_const, z_const], [dq])])
+            return
+        producer = t.inputs[0]
+        f = gs.Variable(names.new(f"{t.name}_float"), t.dtype, t.shape)
+        producer.outputs[producer.outputs.index(t)] = f
+        inserted.setdefault(after, []).extend([
+            gs.Node("QuantizeLinear", names.new(f"{t.name}_Q"), {}, [f, s_const, z_const], [q]),
+            gs.Node("DequantizeLinear", names.new(f"{t.name}_DQ"), {}, [q, s_const, z_const], [t])])
+
+    position = {id(n): i for i, n in enumerate(nodes)}
+    chosen = {s.index for s in sites}
+    for i, node in enumerate(nodes):  # in order: a tensor is quantized once, by the first node that needs it
+        if i not in chosen:
+            if node.op in CARRY and node.domain in STANDARD_DOMAINS and node.inputs and id(node.inputs[0]) in done \
+                    and node.outputs and node.outputs[0].dtype in (None, np.float32):
+                quantize(node.outputs[0], *done[id(node.inputs[0])], i)  # data movement keeps the parameters
+            continue
+        for t in _activation_inputs(node):
+            if t.name in params:
+                p = position.get(id(t.inputs[0])) if t.inputs else None
+                quantize(t, *params[t.name], p)
+        act = absorbed.get(i)
+        if act is not None:  # the activation goes; the node writes its output, quantized with its range
+            y = act.outputs[0]
+            node.outputs[0] = y
+            act.inputs.clear()
+            act.outputs.clear()
+            quantize(y, *params[y.name], i)
+        elif node.outputs[0].name in params:
+            quantize(node.outputs[0], *params[node.outputs[0].name], i)
+        before[i] = _quantize_weight(node, names, qmax, done)
+    out = list(front)
+    for i, n in enumerate(nodes):
+        out.extend(before.get(i, ()))
+        out.append(n)
+        out.extend(inserted.get(i, ()))
+    graph.nodes = out
+
+
+def _quantize_weight(node: gs.Node, names: Names, qmax: int, done: dict) -> list[gs.Node]:
+    """The node's constant weight (and bias) as DequantizeLinear of int8 (int32) values; returns
+    the DequantizeLinear nodes, to go before it."""
+    if node.op not in ("Conv", "Gemm", "MatMul"):
+        return []
+    new: list[gs.Node] = []
+    w = np.asarray(values(node.inputs[1]), np.float32)
+    base = node.name or node.op
+    if node.op == "Conv":  # [M, C/g, kh, kw]: a scale per output channel, axis 0
+        q, scale = quantize_columns(w.reshape(w.shape[0], -1).T, qmax)
+        q, axis = q.T.reshape(w.shape), 0
+    elif node.op == "Gemm" and node.attrs.get("transB", 0):  # [N, K]
+        q, scale = quantize_columns(w.T, qmax)
+        q, axis = q.T, 0
+    else:  # [K, N]
+        q, scale = quantize_columns(w, qmax)
+        axis = 1
+    node.inputs[1] = _dequantized(new, names, f"{base}_weight", q, scale, np.zeros(scale.shape, np.int8), axis,
+                                  w.shape)
+    x = node.inputs[0]
+    has_bias = node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant)
+    if has_bias and id(x) in done and not (node.op == "Gemm" and node.attrs.get("beta", 1.0) != 1.0):
+        b = np.asarray(values(node.inputs[2]), np.float32)
+        if b.shape == scale.shape and node.attrs.get("alpha", 1.0) == 1.0:
+            bias_scale = (done[id(x)][0] * scale).astype(np.float32)
+            qb = np.clip(np.rint(b / bias_scale), -2**31, 2**31 - 1).astype(np.int32)
+            node.inputs[2] = _dequantized(new, names, f"{base}_bias", qb, bias_scale, np.zeros(b.shape, np.int32), 0,
+                                          b.shape)
+    return new
+
+
+def _dequantized(new, names, base, q, scale, zero, axis, shape) -> gs.Variable:
+    out = gs.Variable(names.new(f"{base}_dequantized"), np.float32, list(shape))
+    node = gs.Node("DequantizeLinear", names.new(f"{base}_DQ"), {"axis": axis},
+                   [gs.Constant(names.new(f"{base}_quantized"), np.ascontiguousarray(q)),
+                    gs.Constant(names.new(f"{base}_scale"), scale.astype(np.float32)),
+                    gs.Constant(names.new(f"{base}_zero_point"), zero)], [out])
+    new.append(node)
+    return out

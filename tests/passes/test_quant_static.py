@@ -1,0 +1,146 @@
+"""quant --quant static: calibrated QDQ placement (passes/quant/static.py).
+
+What matters is that onnxruntime turns the layout into its integer kernels, so the tests check
+the exact QuantizeLinear/DequantizeLinear placement, the fused graph onnxruntime builds from it,
+the weight and bias encodings, and the outputs."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxopt
+from models.builders import ops, run
+
+RNG = np.random.default_rng(0)
+
+
+def convnet(opset=17):
+    """conv(3->8)+bias -> relu -> maxpool -> conv(8->8)+bias -> add(residual) -> GAP -> flatten -> gemm."""
+    inits = [numpy_helper.from_array(RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) / 3, "w1"),
+             numpy_helper.from_array(RNG.standard_normal(8).astype(np.float32) / 4, "b1"),
+             numpy_helper.from_array(RNG.standard_normal((8, 8, 3, 3)).astype(np.float32) / 6, "w2"),
+             numpy_helper.from_array(RNG.standard_normal(8).astype(np.float32) / 4, "b2"),
+             numpy_helper.from_array(RNG.standard_normal((5, 8)).astype(np.float32), "wg"),
+             numpy_helper.from_array(RNG.standard_normal(5).astype(np.float32), "bg")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+             helper.make_node("MaxPool", ["r1"], ["p1"], "pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], "conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "p1"], ["s"], "add"),
+             helper.make_node("GlobalAveragePool", ["s"], ["g"], "gap"),
+             helper.make_node("Flatten", ["g"], ["f"], "flatten"),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], "fc", transB=1)]
+    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def samples(n=16, seed=1):
+    return [{"x": np.random.default_rng(seed + i).standard_normal((1, 3, 16, 16)).astype(np.float32)} for i in range(n)]
+
+
+def static(model, **kw):
+    kw.setdefault("options", ["quant.fallback=false"])
+    return onnxopt.optimize(model, passes=["quant"], quant="static", calibration_data=samples(), **kw)
+
+
+def fused_ops(model):
+    """The op types onnxruntime runs after its own (QDQ) fusions."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = f"{tmp}/m.onnx", f"{tmp}/o.onnx"
+        onnx.save(model, src)
+        o = ort.SessionOptions()
+        o.optimized_model_filepath = dst
+        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        ort.InferenceSession(src, o, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(dst).graph.node]
+
+
+def test_placement_fuses_into_integer_kernels():
+    result = static(convnet())
+    assert result.passes[0].counts == {"conv_int8": 2, "add_int8": 1, "globalaveragepool_int8": 1, "gemm_int8": 1,
+                                       "activations_absorbed": 1}
+    out = result.model
+    assert ops(out) == [
+        "QuantizeLinear",  # the graph input x
+        *["DequantizeLinear"] * 7,  # x, then the weights and int32 biases of conv1, conv2, fc (toposorted first)
+        "Conv", "QuantizeLinear", "DequantizeLinear",  # relu absorbed: its range on the conv's output
+        "MaxPool", "QuantizeLinear", "DequantizeLinear",  # carried: same scale and zero point
+        "Conv", "QuantizeLinear", "DequantizeLinear",
+        "Add", "QuantizeLinear", "DequantizeLinear",
+        "GlobalAveragePool", "QuantizeLinear", "DequantizeLinear",
+        "Flatten", "QuantizeLinear", "DequantizeLinear",  # carried
+        "Gemm", "QuantizeLinear", "DequantizeLinear"]
+    fused = fused_ops(out)
+    assert fused.count("QLinearConv") == 2 and "QLinearAdd" in fused and "QLinearGlobalAveragePool" in fused
+    assert "QGemm" in fused and "Conv" not in fused and "Relu" not in fused
+    assert result.verification["outputs"][0]["cosine"] > 0.999
+
+
+def test_weights_bias_and_carried_parameters():
+    out = static(convnet()).model
+    init = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    by_output = {n.output[0]: n for n in out.graph.node}
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    wdq, bdq = by_output[conv.input[1]], by_output[conv.input[2]]
+    w, w_scale, w_zero = (init[i] for i in wdq.input)
+    assert w.dtype == np.int8 and w.shape == (8, 3, 3, 3) and np.abs(w).max() == 63 and not w_zero.any()
+    assert helper.get_attribute_value(wdq.attribute[0]) == 0 and w_scale.shape == (8,)
+    b, b_scale, _ = (init[i] for i in bdq.input)
+    x_scale = init[by_output[conv.input[0]].input[1]]
+    assert b.dtype == np.int32 and np.allclose(b_scale, x_scale * w_scale)
+    pool = next(n for n in out.graph.node if n.op_type == "MaxPool")
+    q_in = by_output[pool.input[0]]  # the DequantizeLinear before the pool
+    q_out = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == pool.output[0])
+    assert [init[i] for i in q_in.input[1:]] == [init[i] for i in q_out.input[1:]]
+
+
+def test_outputs_close_to_float_and_idempotent():
+    model = convnet()
+    result = static(model)
+    x = samples(1, seed=99)[0]
+    want, got = run(model, x)["y"], run(result.model, x)["y"]
+    assert np.abs(want - got).max() < 0.05 * np.abs(want).max()
+    again = onnxopt.optimize(result.model, passes=["quant"], quant="static", calibration_data=samples())
+    assert again.passes[0].counts == {} and ops(again.model) == ops(result.model)
+
+
+def test_percentile_clips_outliers_minmax_keeps():
+    calib = samples(40)  # 30 calibrate: 23040 input values
+    calib[0]["x"][0, 0, 0, 0] = 500.0  # one extreme value: within the 0.01% tail
+    ranges = {}
+    for method in ("minmax", "percentile"):
+        out = onnxopt.optimize(convnet(), passes=["quant"], quant="static", calibration_data=calib,
+                               options=["quant.fallback=false", f"quant.calibration={method}"], min_cosine=0.5).model
+        init = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+        ranges[method] = float(init[out.graph.node[0].input[1]])  # the input's scale
+    assert ranges["percentile"] < 0.5 * ranges["minmax"]
+
+
+def test_opset_11_is_raised_for_per_channel_qdq():
+    result = static(convnet(opset=11))
+    assert result.passes[0].counts["opset_raised_11_to_13"] == 1
+    assert result.model.opset_import[0].version == 13
+
+
+def test_a_sensitive_node_stays_float():
+    model = convnet()
+    w2 = numpy_helper.to_array(model.graph.initializer[2]).copy()
+    w2[0] *= 300  # one output channel far larger: its scale crushes nothing, but the Add's range
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2, "w2"))
+    result = onnxopt.optimize(model, passes=["quant"], quant="static", calibration_data=samples(), min_cosine=0.9999)
+    counts = result.passes[0].counts
+    assert counts["kept_float_for_budget"] >= 1 and result.verification["outputs"][0]["cosine"] >= 0.9999
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "--quant static needs --calibration-data"),
+    ({"calibration_data": samples(2), "options": ["quant.calibration=entropy"]}, "bad --opt quant.calibration"),
+])
+def test_static_usage_errors(kwargs, message):
+    with pytest.raises(onnxopt.UsageError, match=message):
+        onnxopt.optimize(convnet(), passes=["quant"], quant="static", **kwargs)
