@@ -53,7 +53,8 @@ TOOLS = {
                                "--opt", "quant.method=rtn"],
     "MatMulNBitsQuantizer": "int4",
 }
-BASELINE = {tool: "MatMulNBitsQuantizer" if "int4" in tool else "quantize_dynamic" for tool in TOOLS}
+BASELINE = {tool: "MatMulNBitsQuantizer" if "int4" in tool or tool == "MatMulNBitsQuantizer" else "quantize_dynamic"
+            for tool in TOOLS}
 
 
 def make(tool, src, out, calib, args):
