@@ -70,7 +70,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
              explain: bool = False, progress: Callable[[str], None] | None = None) -> Result:
     """Run the selected passes on a model file or ModelProto, verify, and write `output` atomically.
 
-    quant: the quant pass's mode: fp16, mixed, dynamic, static or int4 (int8: not built yet).
+    quant: the quant pass's mode: fp16, mixed, dynamic, static, int8 or int4.
     calibration_data: an .npz (one array per input, first axis = samples), a folder of .npz files
     (one sample each), or an iterable of feed dicts.
     min_cosine: the error budget of lossy passes: every output's cosine against the original

@@ -62,8 +62,8 @@ class Progress:
 @click.option("--quant", "quant", metavar="MODE",
               help="The quant pass's mode (with quant in --passes): fp16 (float16 weights and compute), mixed "
                    "(float16 where the budget holds, measured), dynamic (int8 weights, activations quantized at "
-                   "run time), static (int8 QDQ calibrated on --calibration-data) or int4 (4-bit block-wise "
-                   "weights, --target ort). int8 is not built yet.")
+                   "run time), static (int8 QDQ calibrated on --calibration-data), int8 (static for convolutions "
+                   "with calibration data, dynamic for the rest) or int4 (4-bit block-wise weights, --target ort).")
 @click.option("--calibration-data", "calibration_path", metavar="PATH",
               help="Calibration samples: an .npz with one array per input (first axis = samples), or a folder "
                    "of .npz files with one sample each. The last quarter is held back: the error budget and "

@@ -11,7 +11,8 @@ Modes (`--quant`):
   calibration data, round-to-nearest without (int4.py).
 - static: int8 QDQ calibrated on the calibration data, laid out for onnxruntime's integer
   kernels (static.py).
-- int8 (the automatic choice between dynamic and static): not built yet (issue 4).
+- int8: per operator, static QDQ for convolutions (and the ops between them) with calibration
+  data, else float; dynamic for MatMul, Gemm, embeddings and attention; one budget for both.
 
 The error is measured on the evaluation samples (held-out calibration samples when given, else
 generated inputs) against the float model; when an output misses the budget (`--min-cosine`;
@@ -40,25 +41,24 @@ from .budget import Measure, copy_model, fit_budget
 from .calib import channel_rows, observe
 from .fp16 import convert_to_fp16
 
-MODES = ("fp16", "mixed", "dynamic", "static", "int4")
-MIXED_GROUPS = 48  # at most this many units the mixed mode measures (runs of consecutive nodes)
+MODES = ("fp16", "mixed", "dynamic", "static", "int8", "int4")
+CONV_FAMILY = frozenset({"conv", "add", "mul", "concat", "globalaveragepool", "averagepool"})  # int8: static kinds
 SMOOTH_SAMPLES = 64  # calibration samples whose activations choose the SmoothQuant factors
 
 
 @dataclass
 class MixedUnit:
-    """A run of consecutive float16-capable nodes the mixed mode keeps or reverts together."""
+    """A node the mixed mode may run in float16."""
 
     index: int
     kind: str
     label: str
     params: int
-    members: list
 
 
 class QuantPass(Pass):
     name = "quant"
-    summary = "precision reduction inside an error budget (--quant fp16|mixed|dynamic|static|int4)"
+    summary = "precision reduction inside an error budget (--quant fp16|mixed|dynamic|static|int8|int4)"
     after = ("fold", "cleanup", "fuse")
     tolerance = "lossy"
 
@@ -74,7 +74,7 @@ class QuantPass(Pass):
 
     def run(self, model, ctx):
         if ctx.quant not in MODES:
-            raise UsageError(f"--quant {ctx.quant}: not built yet (available: {', '.join(MODES)})")
+            raise UsageError(f"bad --quant {ctx.quant}: expected one of {', '.join(MODES)}")
         if ctx.quant == "dynamic":
             return self.dynamic(model, ctx)
         if ctx.quant == "int4":
@@ -83,6 +83,8 @@ class QuantPass(Pass):
             return self.mixed(model, ctx)
         if ctx.quant == "static":
             return self.static(model, ctx)
+        if ctx.quant == "int8":
+            return self.int8_auto(model, ctx)
         graph = model.graph
         report = convert_to_fp16(graph, opset(graph), Names(graph), keep_io_types=self.options.keep_io_types)
         # float32 constants that differ only below float16's precision are now equal: keep one
@@ -104,10 +106,10 @@ class QuantPass(Pass):
             "duplicate_constants_merged": merged,
         })
 
-    def dynamic(self, model, ctx) -> Counter:
+    def dynamic(self, model, ctx, measure: Measure | None = None) -> Counter:
         graph, version = model.graph, opset(model.graph)
         sites, skipped = int8.dynamic_sites(graph, ctx.target, version)
-        for label, reason in skipped.items():
+        for label, reason in skipped.items() if measure is None else ():
             ctx.log(f"quant: {label}: {reason}")
         if not sites:
             ctx.log("quant: nothing to quantize in dynamic mode (no MatMul, Gemm or Gather with float32 weights)")
@@ -125,7 +127,7 @@ class QuantPass(Pass):
                                 cache)
             cleanup(m.graph)
 
-        fit = fit_budget(model, sites, rewrite, Measure(model, ctx.evaluation, ctx.min_cosine),
+        fit = fit_budget(model, sites, rewrite, measure or Measure(model, ctx.evaluation, ctx.min_cosine),
                          self.options.fallback)
         rewrite(model, fit.chosen)
         self.log_fit(ctx, fit, sites, "dynamic int8")
@@ -223,7 +225,7 @@ class QuantPass(Pass):
 
     def mixed(self, model, ctx) -> Counter:
         """float16 wherever the budget holds: the fp16 conversion, measured; when an output misses
-        the budget, runs of consecutive nodes go back to float32, the most sensitive first."""
+        the budget, nodes (runs of them on large graphs) go back to float32, the most sensitive first."""
         version = opset(model.graph)
         trial = copy_model(model)
         converted = convert_to_fp16(trial.graph, version, Names(trial.graph), self.options.keep_io_types).converted_at
@@ -231,18 +233,11 @@ class QuantPass(Pass):
         if not converted:
             ctx.log("quant: nothing runs in float16 here")
             return Counter()
-        size = -(-len(converted) // MIXED_GROUPS)  # nodes per unit
         nodes = model.graph.nodes
-        units = []
-        for k in range(0, len(converted), size):
-            members = converted[k:k + size]
-            label = nodes[members[0]].name or f"{nodes[members[0]].op}#{members[0]}"
-            if len(members) > 1:
-                label += f" (+{len(members) - 1} after it)"
-            units.append(MixedUnit(members[0], "fp16", label, 0, members))
+        units = [MixedUnit(i, "fp16", nodes[i].name or f"{nodes[i].op}#{i}", 0) for i in converted]
 
         def rewrite(m, chosen):
-            keep = frozenset(converted) - {i for u in chosen for i in u.members}
+            keep = frozenset(converted) - {u.index for u in chosen}
             convert_to_fp16(m.graph, version, Names(m.graph), self.options.keep_io_types, keep=keep)
             merge_duplicate_constants(m.graph)
             cleanup(m.graph)
@@ -250,11 +245,10 @@ class QuantPass(Pass):
         fit = fit_budget(model, units, rewrite, Measure(model, ctx.evaluation, ctx.min_cosine),
                          self.options.fallback)
         rewrite(model, fit.chosen)
-        self.log_fit(ctx, fit, units, "mixed float16", "runs of nodes")
-        return Counter({"nodes_to_fp16": sum(len(u.members) for u in fit.chosen),
-                        "nodes_kept_fp32_for_budget": sum(len(u.members) for u in fit.kept)}) + Counter()
+        self.log_fit(ctx, fit, units, "mixed float16")
+        return Counter({"nodes_to_fp16": len(fit.chosen), "nodes_kept_fp32_for_budget": len(fit.kept)}) + Counter()
 
-    def static(self, model, ctx) -> Counter:
+    def static(self, model, ctx, measure: Measure | None = None, kinds: frozenset | None = None) -> Counter:
         if not ctx.calibration_data:
             raise UsageError("--quant static needs --calibration-data: activation ranges come from real inputs")
         method = self.options.calibration
@@ -268,6 +262,8 @@ class QuantPass(Pass):
             ctx.log(f"quant: opset {before} raised to 13 for per-channel QuantizeLinear/DequantizeLinear")
         graph = model.graph
         sites, absorbed = qdq.static_sites(graph)
+        if kinds is not None:
+            sites = [x for x in sites if x.kind in kinds]
         if not sites:
             ctx.log("quant: nothing to quantize in static mode (no Conv, Gemm, MatMul, Add, Concat or pooling)")
             return counts
@@ -284,7 +280,7 @@ class QuantPass(Pass):
             qdq.quantize_static(m.graph, chosen, here, params, Names(m.graph), qmax)
             cleanup(m.graph)
 
-        fit = fit_budget(model, sites, rewrite, Measure(model, ctx.evaluation, ctx.min_cosine),
+        fit = fit_budget(model, sites, rewrite, measure or Measure(model, ctx.evaluation, ctx.min_cosine),
                          self.options.fallback)
         rewrite(model, fit.chosen)
         self.log_fit(ctx, fit, sites, f"static int8 ({method}, {len(ctx.calibration_data)} calibration samples)")
@@ -292,3 +288,23 @@ class QuantPass(Pass):
         counts["activations_absorbed"] = sum(s.index in absorbed for s in fit.chosen)
         counts["kept_float_for_budget"] = len(fit.kept)
         return +counts
+
+    def int8_auto(self, model, ctx) -> Counter:
+        """int8, the fastest correct form per operator on onnxruntime's CPU: convolutions (and the
+        Add/Mul/Concat/pooling between them) as static QDQ when there is calibration data, else
+        float (ConvInteger is slower than float Conv); MatMul, Gemm, embeddings and attention
+        dynamic (run-time activation ranges, SmoothQuant). One budget for both, measured against
+        the float model."""
+        measure = Measure(model, ctx.evaluation, ctx.min_cosine)
+        convs = [x for x in qdq.static_sites(model.graph)[0] if x.kind == "conv"]
+        counts = Counter()
+        if convs and ctx.calibration_data:
+            ctx.log(f"quant: int8 chose static QDQ for the {len(convs)} convolutions and the ops between them")
+            counts += self.static(model, ctx, measure, CONV_FAMILY)
+        elif convs:
+            ctx.log(f"quant: int8 leaves the {len(convs)} convolutions in float: static QDQ needs --calibration-data, "
+                    "and dynamic ConvInteger is slower than float Conv")
+        if int8.dynamic_sites(model.graph, ctx.target, opset(model.graph))[0]:
+            ctx.log("quant: int8 chose dynamic quantization for MatMul, Gemm, embeddings and attention")
+            counts += self.dynamic(model, ctx, measure)
+        return counts

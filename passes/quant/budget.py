@@ -5,8 +5,9 @@ evaluation samples (those the final verification uses: calibration samples held 
 generated inputs) against the float model. When that misses the budget (`--min-cosine`: every
 output's mean cosine), each site's own error is measured (the model with only that site
 rewritten), and the most sensitive sites go back to float, as few as the budget allows (a
-binary search over the sensitivity order). Returns what to rewrite and the measurements for the
-report.
+binary search over the sensitivity order). Above 48 sites, runs of consecutive sites are
+measured and reverted together, so the cost stays bounded on large graphs. Returns what to
+rewrite and the measurements for the report.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Callable
 
 from onnxopt import verify as verification
 from onnxopt.graph import Model, export_model
+
+
+MAX_UNITS = 48  # at most this many units are measured one by one
 
 
 @dataclass
@@ -52,30 +56,40 @@ class Measure:
 
 
 def fit_budget(model: Model, sites: list, rewrite: Callable[[Model, list], None], measure: Measure,
-               fallback: bool = True) -> Fit:
-    """The sites to rewrite so the result stays inside measure.budget (see the module doc)."""
+               fallback: bool = True, max_units: int = MAX_UNITS) -> Fit:
+    """The sites to rewrite so the result stays inside measure.budget (see the module doc). With
+    more than `max_units` sites, runs of consecutive sites are measured and kept together, so a
+    large graph costs at most max_units + log2(max_units) + 1 trials."""
     trials = 0
 
-    def trial(chosen) -> float:
+    def trial(units) -> float:
         nonlocal trials
         trials += 1
         m = copy_model(model)
-        rewrite(m, chosen)
+        rewrite(m, [s for u in units for s in u])
         return measure.score(m)
 
-    full = trial(sites)
+    ordered = sorted(sites, key=lambda s: s.index)
+    size = max(1, -(-len(ordered) // max_units))
+    units = [ordered[k:k + size] for k in range(0, len(ordered), size)]
+    full = trial(units)
     if full >= measure.budget or not fallback or not sites:
-        return Fit(list(sites), full, trials=trials)
-    loss = {id(s): 1.0 - trial([s]) for s in sites}
-    order = sorted(sites, key=lambda s: -loss[id(s)])  # the most sensitive first
+        return Fit(ordered, full, trials=trials)
+    loss = [1.0 - trial([u]) for u in units]
+    order = sorted(range(len(units)), key=lambda k: -loss[k])  # the most sensitive first
     lo, hi, best = 1, len(order), None  # order[hi:] (nothing) always fits
     while lo < hi:
         mid = (lo + hi) // 2
-        score = trial(order[mid:])
+        score = trial([units[k] for k in order[mid:]])
         if score >= measure.budget:
             hi, best = mid, score
         else:
             lo = mid + 1
-    chosen = order[hi:]
-    return Fit(sorted(chosen, key=lambda s: s.index), best if chosen else 1.0, kept=order[:hi],
-               sensitivity={s.label: loss[id(s)] for s in order}, trials=trials)
+    chosen = [s for k in order[hi:] for s in units[k]]
+    return Fit(sorted(chosen, key=lambda s: s.index), best if chosen else 1.0,
+               kept=[s for k in order[:hi] for s in units[k]],
+               sensitivity={_label(units[k]): loss[k] for k in order}, trials=trials)
+
+
+def _label(unit: list) -> str:
+    return unit[0].label + (f" (+{len(unit) - 1} after it)" if len(unit) > 1 else "")

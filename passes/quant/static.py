@@ -230,11 +230,15 @@ def _quantize_weight(node: gs.Node, names: Names, qmax: int, done: dict) -> list
     has_bias = node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant)
     if has_bias and id(x) in done and not (node.op == "Gemm" and node.attrs.get("beta", 1.0) != 1.0):
         b = np.asarray(values(node.inputs[2]), np.float32)
-        if b.shape == scale.shape and node.attrs.get("alpha", 1.0) == 1.0:
-            bias_scale = (done[id(x)][0] * scale).astype(np.float32)
-            qb = np.clip(np.rint(b / bias_scale), -2**31, 2**31 - 1).astype(np.int32)
-            node.inputs[2] = _dequantized(new, names, f"{base}_bias", qb, bias_scale, np.zeros(b.shape, np.int32), 0,
-                                          b.shape)
+        bias_scale = (done[id(x)][0] * scale).astype(np.float32)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            levels = np.rint(b.astype(np.float64) / bias_scale)
+        # int32 at input scale x weight scale, as onnxruntime's integer kernels add it; a bias that
+        # does not fit (a tiny scale) stays float: that node then runs in float
+        if b.shape == scale.shape and node.attrs.get("alpha", 1.0) == 1.0 and np.all(bias_scale > 0) \
+                and np.all(np.abs(levels) < 2**31 - 1):
+            node.inputs[2] = _dequantized(new, names, f"{base}_bias", levels.astype(np.int32), bias_scale,
+                                          np.zeros(b.shape, np.int32), 0, b.shape)
     return new
 
 

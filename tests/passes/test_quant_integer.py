@@ -261,9 +261,11 @@ def test_over_budget_is_an_error_unless_written_anyway(cli, tmp_path):
     assert ran.err.rstrip().endswith("(budget 0.999)") and len(ran.err.strip().splitlines()) == 1
 
 
-def test_int8_auto_is_not_built_yet():
-    with pytest.raises(onnxopt.UsageError, match="not built yet"):
-        onnxopt.optimize(mlp(), passes=["quant"], quant="int8", verify="none")
+def test_int8_on_a_graph_without_convolutions_is_dynamic():
+    auto = dynamic(mlp(), target="ort", options=["quant.fallback=false"])
+    chosen = onnxopt.optimize(mlp(), passes=["quant"], quant="int8", target="ort", inputs=x_feed(),
+                              options=["quant.fallback=false"], min_cosine=0.9)
+    assert chosen.passes[0].counts == auto.passes[0].counts and ops(chosen.model) == ops(auto.model)
 
 
 def three_readers():

@@ -16,14 +16,14 @@ from models.builders import ops, run
 RNG = np.random.default_rng(0)
 
 
-def convnet(opset=17):
+def convnet(opset=17, classes=5):
     """conv(3->8)+bias -> relu -> maxpool -> conv(8->8)+bias -> add(residual) -> GAP -> flatten -> gemm."""
     inits = [numpy_helper.from_array(RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) / 3, "w1"),
              numpy_helper.from_array(RNG.standard_normal(8).astype(np.float32) / 4, "b1"),
              numpy_helper.from_array(RNG.standard_normal((8, 8, 3, 3)).astype(np.float32) / 6, "w2"),
              numpy_helper.from_array(RNG.standard_normal(8).astype(np.float32) / 4, "b2"),
-             numpy_helper.from_array(RNG.standard_normal((5, 8)).astype(np.float32), "wg"),
-             numpy_helper.from_array(RNG.standard_normal(5).astype(np.float32), "bg")]
+             numpy_helper.from_array(RNG.standard_normal((classes, 8)).astype(np.float32), "wg"),
+             numpy_helper.from_array(RNG.standard_normal(classes).astype(np.float32), "bg")]
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
              helper.make_node("MaxPool", ["r1"], ["p1"], "pool", kernel_shape=[2, 2], strides=[2, 2]),
@@ -33,7 +33,7 @@ def convnet(opset=17):
              helper.make_node("Flatten", ["g"], ["f"], "flatten"),
              helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], "fc", transB=1)]
     graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, classes])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
@@ -144,3 +144,37 @@ def test_a_sensitive_node_stays_float():
 def test_static_usage_errors(kwargs, message):
     with pytest.raises(onnxopt.UsageError, match=message):
         onnxopt.optimize(convnet(), passes=["quant"], quant="static", **kwargs)
+
+
+@pytest.mark.filterwarnings("error")  # a numpy warning would be a line on the user's stderr
+def test_a_bias_that_does_not_fit_int32_stays_float():
+    """Inputs of 1e-37: input scale x weight scale underflows, the bias cannot be int32 there."""
+    tiny = [{"x": s["x"] * np.float32(1e-37)} for s in samples()]
+    out = onnxopt.optimize(convnet(), passes=["quant"], quant="static", calibration_data=tiny,
+                           options=["quant.fallback=false"], min_cosine=0.1).model
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    assert conv.input[2] == "b1"  # the float bias, untouched
+    assert all(t.data_type != TensorProto.INT32 or np.abs(numpy_helper.to_array(t)).max() < 2**31 - 1
+               for t in out.graph.initializer)
+
+
+# ----------------------------------------------------------------------------------- --quant int8
+
+
+def test_int8_chooses_static_for_convolutions_and_dynamic_for_the_rest():
+    result = onnxopt.optimize(convnet(classes=600), passes=["quant"], quant="int8", target="ort",
+                              calibration_data=samples(), options=["quant.fallback=false"])
+    counts = result.passes[0].counts
+    assert counts["conv_int8"] == 2 and counts["add_int8"] == 1 and counts["gemm_int8"] == 1
+    found = ops(result.model)
+    assert found.count("Conv") == 2 and "Gemm" not in found and found.count("DynamicQuantizeMatMul") == 1
+    assert any("int8 chose static QDQ for the 2 convolutions" in line for line in result.explain)
+    assert any("int8 chose dynamic quantization" in line for line in result.explain)
+
+
+def test_int8_without_calibration_data_leaves_convolutions_float():
+    x = samples(1)[0]
+    result = onnxopt.optimize(convnet(classes=600), passes=["quant"], quant="int8", target="ort", inputs=x)
+    assert result.passes[0].counts == {"gemm_int8": 1, "weights_int8": 600 * 8}
+    assert "QuantizeLinear" not in ops(result.model) and ops(result.model).count("Conv") == 2
+    assert any("int8 leaves the 2 convolutions in float" in line for line in result.explain)
