@@ -71,7 +71,8 @@ def test_min_cosine_sets_the_budget():
 @pytest.mark.parametrize("kwargs, message", [
     ({"passes": ["quant"]}, "the quant pass needs --quant MODE"),
     ({"passes": ["fold"], "quant": "fp16"}, "--quant fp16 needs the quant pass in --passes"),
-    ({"passes": ["quant"], "quant": "int2"}, "bad --quant int2: expected one of fp16, mixed, dynamic, static, int8, int4"),
+    ({"passes": ["quant"], "quant": "int2"},
+     "bad --quant int2: expected one of fp16, mixed, dynamic, static, int8, int4"),
 ])
 def test_usage_errors(kwargs, message):
     with pytest.raises(onnxopt.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
