@@ -16,7 +16,9 @@ Placement (`static_sites` finds the nodes, `quantize_static` writes the graph):
   Q/DQ pair around it instead of re-quantizing.
 - A quantized tensor T becomes producer -> T_f -> QuantizeLinear -> DequantizeLinear -> T: every
   reader and a graph output keep the name T; a graph input gets the pair in front of its readers.
-  Anything else stays float; a float node between quantized ones reads dequantized values.
+  Anything else stays float; a float node between quantized ones reads dequantized values. A
+  MatMul/Gemm whose output no quantized node reads keeps a float output (MatMulIntegerToFloat,
+  QGemm with float output): logits are not rounded.
 
 Activations are uint8 with a zero point; ranges always include 0. Calibration (`ranges`):
 `minmax` (the extremes over the calibration samples) or `percentile` (the 0.01% tails of a
@@ -179,6 +181,7 @@ def quantize_static(graph: gs.Graph, sites: list[Site], absorbed: dict, params: 
 
     position = {id(n): i for i, n in enumerate(nodes)}
     chosen = {s.index for s in sites}
+    chosen_ids = {id(nodes[k]) for k in chosen}
     for i, node in enumerate(nodes):  # in order: a tensor is quantized once, by the first node that needs it
         if i not in chosen:
             if node.op in CARRY and node.domain in STANDARD_DOMAINS and node.inputs and id(node.inputs[0]) in done \
@@ -196,7 +199,10 @@ def quantize_static(graph: gs.Graph, sites: list[Site], absorbed: dict, params: 
             act.inputs.clear()
             act.outputs.clear()
             quantize(y, *params[y.name], i)
-        elif node.outputs[0].name in params:
+        elif node.outputs[0].name in params and (node.op not in ("MatMul", "Gemm") or any(
+                id(c) in chosen_ids or c.op in CARRY for c in node.outputs[0].outputs)):
+            # a MatMul/Gemm read by nothing quantized keeps a float output (onnxruntime's
+            # MatMulIntegerToFloat / QGemm with float output): no rounding of logits
             quantize(node.outputs[0], *params[node.outputs[0].name], i)
         before[i] = _quantize_weight(node, names, qmax, done)
     out = list(front)

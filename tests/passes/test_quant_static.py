@@ -74,7 +74,7 @@ def test_placement_fuses_into_integer_kernels():
         "Add", "QuantizeLinear", "DequantizeLinear",
         "GlobalAveragePool", "QuantizeLinear", "DequantizeLinear",
         "Flatten", "QuantizeLinear", "DequantizeLinear",  # carried
-        "Gemm", "QuantizeLinear", "DequantizeLinear"]
+        "Gemm"]  # read by nothing quantized: a float output (QGemm's float form)
     fused = fused_ops(out)
     assert fused.count("QLinearConv") == 2 and "QLinearAdd" in fused and "QLinearGlobalAveragePool" in fused
     assert "QGemm" in fused and "Conv" not in fused and "Relu" not in fused
