@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """INT8 and INT4 on MiniLM with real text: onnxopt's `--quant dynamic` against onnxruntime's
-quantize_dynamic, and `--quant int4` against onnxruntime's MatMulNBitsQuantizer (block 32, RTN;
-it needs the onnx-ir package, installed with the bench requirements).
+quantize_dynamic, `--quant static` against quantize_static (QDQ, per-channel, MinMax, on the same
+calibration sentences), and `--quant int4` against onnxruntime's MatMulNBitsQuantizer (block 32,
+RTN; it needs the onnx-ir package, installed with the bench requirements).
 
 Text: sentences from the standard library's docstrings (bench/text_data.py), tokenized with the
 model's tokenizer: 256 calibration sentences given to onnxopt as a folder (`--calibration-data`;
@@ -13,8 +14,8 @@ against the float model (mean and worst cosine of the sentence embeddings, mean 
 token states, and nearest-neighbour agreement: for each sentence, the most similar other
 evaluation sentence is the same one as with the float model's embeddings); latency at 128 tokens
 (onnxruntime default options, one thread, interleaved rounds, median of per-round ratios) against
-the float model, and against the baseline of the same kind directly (quantize_dynamic for int8,
-MatMulNBitsQuantizer for int4). Writes bench/int8.md and bench/int8.json.
+the float model, and against the baseline of the same kind directly (quantize_dynamic,
+quantize_static, MatMulNBitsQuantizer). Writes bench/int8.md and bench/int8.json.
 
     python bench/int8_bench.py --rounds 30
 """
@@ -36,6 +37,18 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 quantize_dynamic(sys.argv[1], sys.argv[2], weight_type=QuantType.QInt8, per_channel=sys.argv[3] == "1",
                  reduce_range=sys.argv[3] == "1")
 """
+ORT_STATIC = """import sys, glob, numpy as np, onnx
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+src, dst, folder = sys.argv[1:4]
+files = sorted(glob.glob(folder + "/*.npz"))
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        self.it = iter(dict(np.load(f)) for f in files)
+    def get_next(self):
+        return next(self.it, None)
+quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+"""
 ORT_INT4 = """import sys, onnx
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 q = MatMulNBitsQuantizer(onnx.load(sys.argv[1]), block_size=32, is_symmetric=False)
@@ -48,13 +61,15 @@ TOOLS = {
     "onnxopt dynamic (onnx)": ["--passes", "fold,cleanup,fuse,quant", "--quant", "dynamic"],
     "quantize_dynamic": "0",
     "quantize_dynamic per-channel, reduce_range": "1",
+    "onnxopt static (onnx)": ["--passes", "fold,cleanup,fuse,quant", "--quant", "static"],
+    "quantize_static": "static",
     "onnxopt int4 gptq (ort)": ["--passes", "fold,cleanup,fuse,quant", "--quant", "int4", "--target", "ort"],
     "onnxopt int4 rtn (ort)": ["--passes", "fold,cleanup,fuse,quant", "--quant", "int4", "--target", "ort",
                                "--opt", "quant.method=rtn"],
     "MatMulNBitsQuantizer": "int4",
 }
-BASELINE = {tool: "MatMulNBitsQuantizer" if "int4" in tool or tool == "MatMulNBitsQuantizer" else "quantize_dynamic"
-            for tool in TOOLS}
+BASELINE = {tool: "MatMulNBitsQuantizer" if "int4" in tool or tool == "MatMulNBitsQuantizer" else
+            "quantize_static" if "static" in tool else "quantize_dynamic" for tool in TOOLS}
 
 
 def make(tool, src, out, calib, args):
@@ -63,6 +78,8 @@ def make(tool, src, out, calib, args):
         cmd = args.onnxopt_cmd.split() + [str(src), "-o", str(out), "--calibration-data", str(calib), "-q"] + spec
     elif spec == "int4":
         cmd = [sys.executable, "-c", ORT_INT4, str(src), str(out)]
+    elif spec == "static":
+        cmd = [sys.executable, "-c", ORT_STATIC, str(src), str(out), str(calib)]
     else:
         cmd = [sys.executable, "-c", ORT_DYNAMIC, str(src), str(out), spec]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -143,8 +160,8 @@ def main():
              "(onnxopt holds back 64 of them for its budget), 128 separate evaluation sentences",
              "- latency: 128 tokens, onnxruntime default options, one thread, median of per-round ratios "
              f"over {args.rounds} interleaved rounds", "",
-             "'vs baseline': the latency ratio to quantize_dynamic (int8 rows) or MatMulNBitsQuantizer "
-             "(int4 rows), interleaved in the same run", "",
+             "'vs baseline': the latency ratio to quantize_dynamic (dynamic rows), quantize_static (static "
+             "rows) or MatMulNBitsQuantizer (int4 rows), interleaved in the same run", "",
              "| model | tool | size | latency vs float | vs baseline | sentence cosine mean | worst | "
              "token cosine mean | max abs err | nearest-neighbour agreement |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
