@@ -178,3 +178,11 @@ def test_int8_without_calibration_data_leaves_convolutions_float():
     assert result.passes[0].counts == {"gemm_int8": 1, "weights_int8": 600 * 8}
     assert "QuantizeLinear" not in ops(result.model) and ops(result.model).count("Conv") == 2
     assert any("int8 leaves the 2 convolutions in float" in line for line in result.explain)
+
+
+def test_two_runs_write_identical_files(tmp_path):
+    onnx.save(convnet(), tmp_path / "in.onnx")
+    for name in ("a.onnx", "b.onnx"):
+        onnxopt.optimize(tmp_path / "in.onnx", tmp_path / name, passes=["fold", "cleanup", "quant"], quant="static",
+                         calibration_data=samples())
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
