@@ -70,7 +70,7 @@ class QuantPass(Pass):
         smooth: bool = True  # int8: SmoothQuant where it cuts the simulated error (needs calibration data)
         method: str = ""  # int4: rtn or gptq (default: gptq with calibration data, else rtn)
         accuracy_level: int = 0  # int4: MatMulNBits' accuracy_level (4: int8 arithmetic, faster, less exact)
-        calibration: str = "minmax"  # static: how activation ranges are set (minmax or percentile)
+        calibration: str = "minmax"  # static: how activation ranges are set (minmax, percentile or entropy)
 
     def run(self, model, ctx):
         if ctx.quant not in MODES:
@@ -252,8 +252,8 @@ class QuantPass(Pass):
         if not ctx.calibration_data:
             raise UsageError("--quant static needs --calibration-data: activation ranges come from real inputs")
         method = self.options.calibration
-        if method not in ("minmax", "percentile"):
-            raise UsageError(f"bad --opt quant.calibration={method}: expected minmax or percentile")
+        if method not in ("minmax", "percentile", "entropy"):
+            raise UsageError(f"bad --opt quant.calibration={method}: expected minmax, percentile or entropy")
         counts = Counter()
         if opset(model.graph) < 13:  # per-channel QuantizeLinear/DequantizeLinear: opset 13
             before = opset(model.graph)
@@ -270,7 +270,7 @@ class QuantPass(Pass):
         observed = qdq.observed_tensors(graph, sites, absorbed)
         ranges = qdq.RangeObserver()
         observe(model, observed, ctx.calibration_data, ranges.add)
-        if method == "percentile":
+        if method != "minmax":
             observe(model, observed, ctx.calibration_data, lambda outs: ranges.add(outs, histograms=True))
         params = {name: qdq.quant_params(*ranges.range(name, method)) for name in observed}
         qmax = 63 if self.options.reduce_range else 127

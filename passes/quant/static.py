@@ -21,8 +21,11 @@ Placement (`static_sites` finds the nodes, `quantize_static` writes the graph):
   QGemm with float output): logits are not rounded.
 
 Activations are uint8 with a zero point; ranges always include 0. Calibration (`ranges`):
-`minmax` (the extremes over the calibration samples) or `percentile` (the 0.01% tails of a
-2048-bin histogram dropped on each side).
+`minmax` (the extremes over the calibration samples; the default, and the best measured on
+PP-OCRv4 rec), `percentile` (the 0.01% tails of a 2048-bin histogram dropped on each side) or
+`entropy` (TensorRT's KL-divergence threshold on the histogram of magnitudes; per-tensor
+clipping of this kind costs PP-OCR's HardSwish networks dearly: rec convolutions alone reach
+37% argmax agreement with it, 91.5% with minmax).
 """
 
 from __future__ import annotations
@@ -127,6 +130,9 @@ class RangeObserver:
 
     def range(self, name: str, method: str) -> tuple[float, float]:
         lo, hi = self.lo.get(name, 0.0), self.hi.get(name, 0.0)
+        if method == "entropy" and name in self.hist and hi > lo:
+            t = entropy_threshold(self.hist[name], lo, hi)
+            return max(lo, -t), min(hi, t)
         if method == "percentile" and name in self.hist and hi > lo:
             h = self.hist[name].astype(np.float64)
             cdf = np.cumsum(h) / h.sum()
@@ -135,6 +141,34 @@ class RangeObserver:
             lo = min(0.0, float(edges[np.searchsorted(cdf, tail)]))
             hi = max(0.0, float(edges[min(BINS, np.searchsorted(cdf, 1.0 - tail) + 1)]))
         return lo, hi
+
+
+def entropy_threshold(hist: np.ndarray, lo: float, hi: float, levels: int = 128) -> float:
+    """The |x| threshold whose clipped, `levels`-level quantized distribution is closest (KL
+    divergence) to the observed one: TensorRT's entropy calibration, on the magnitudes of the
+    2048-bin histogram over [lo, hi]."""
+    edges = np.linspace(lo, hi, len(hist) + 1)
+    centers = np.abs((edges[:-1] + edges[1:]) / 2)
+    amax = max(-lo, hi)
+    mags, _ = np.histogram(centers, bins=len(hist), range=(0.0, amax), weights=hist.astype(np.float64))
+    best, best_kl = len(mags), np.inf
+    for i in range(levels, len(mags) + 1, 16):
+        kept = mags[:i]
+        p = kept.copy()
+        p[-1] += mags[i:].sum()  # the reference: outliers clipped into the last bin
+        if kept.sum() == 0:
+            continue
+        q = np.zeros(i)  # the candidate: the kept bins merged into `levels`, spread back evenly
+        for chunk in np.array_split(np.arange(i), levels):
+            nonzero = kept[chunk] > 0
+            if nonzero.any():
+                q[chunk[nonzero]] = kept[chunk].sum() / nonzero.sum()
+        pn, qn = p / p.sum(), q / q.sum()
+        mask = pn > 0
+        kl = float(np.sum(pn[mask] * np.log(pn[mask] / np.maximum(qn[mask], 1e-12))))
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return amax * best / len(mags)
 
 
 def quant_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from models.builders import ops, run
+from onnxopt.passes.quant import static as static_mod
 
 RNG = np.random.default_rng(0)
 
@@ -109,6 +110,24 @@ def test_outputs_close_to_float_and_idempotent():
     assert again.passes[0].counts == {} and ops(again.model) == ops(result.model)
 
 
+def test_entropy_threshold_drops_a_far_outlier():
+    rng = np.random.default_rng(0)
+    for relu in (False, True):
+        observer = static_mod.RangeObserver()
+        xs = [rng.standard_normal(100000).astype(np.float32) for _ in range(3)]
+        xs = [np.maximum(x, 0) for x in xs] if relu else xs
+        xs[0][0] = 60.0
+        for histograms in (False, True):
+            for x in xs:
+                observer.add({"t": x}, histograms)
+        assert observer.range("t", "minmax")[1] == 60.0
+        lo, hi = observer.range("t", "entropy")
+        assert 3.0 < hi < 5.0 and (lo == 0.0 if relu else -5.0 < lo < -3.0)
+    image = np.concatenate([rng.uniform(0.6, 1.0, 90000), rng.uniform(-1, 0.6, 10000)])
+    hist, _ = np.histogram(image, 2048, (image.min(), image.max()))
+    assert static_mod.entropy_threshold(hist, image.min(), image.max()) == pytest.approx(1.0, abs=1e-3)
+
+
 def test_percentile_clips_outliers_minmax_keeps():
     calib = samples(40)  # 30 calibrate: 23040 input values
     calib[0]["x"][0, 0, 0, 0] = 500.0  # one extreme value: within the 0.01% tail
@@ -139,7 +158,7 @@ def test_a_sensitive_node_stays_float():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "--quant static needs --calibration-data"),
-    ({"calibration_data": samples(2), "options": ["quant.calibration=entropy"]}, "bad --opt quant.calibration"),
+    ({"calibration_data": samples(2), "options": ["quant.calibration=kl"]}, "bad --opt quant.calibration=kl"),
 ])
 def test_static_usage_errors(kwargs, message):
     with pytest.raises(onnxopt.UsageError, match=message):
