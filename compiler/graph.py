@@ -653,6 +653,9 @@ def cleanup(graph: gs.Graph, functions: bool = True) -> gs.Graph:
         dead = [n for n in graph.nodes if n.id not in used]
     if not dead:
         return graph
+    # a dead If/Loop/Scan takes its bodies along: their nodes must stop counting as readers of
+    # outer tensors too, or a rule would still see those tensors as used elsewhere
+    dead += [n for node in dead for sub in subgraphs(node) for g in all_graphs(sub) for n in g.nodes]
     dead_ids = {id(n) for n in dead}
     touched = {}
     for node in dead:

@@ -1058,3 +1058,22 @@ def test_noop_reshape_found_on_the_first_run():
     again = onnxopt.optimize(first.model, passes=["cleanup"], verify="none")
     assert again.passes[0].counts == {}
     assert first.passes[0].counts == {"identity_removed": 1, "noop_reshape_removed": 1}
+
+
+def test_a_dead_if_no_longer_reads_the_outer_tensors():
+    """Long fuzzing (fuse, and fold,cleanup,fuse): an unused If whose branches read an
+    intermediate made the rules see it as used elsewhere, so only a second run fused; removing a
+    dead node now disconnects its bodies too."""
+    branch = lambda name: oh.make_graph([oh.make_node("Relu", ["u"], [f"{name}_r"])], name, [],  # noqa: E731
+                                        [oh.make_tensor_value_info(f"{name}_r", TensorProto.FLOAT, [1, 1])])
+    graph = oh.make_graph(
+        [oh.make_node("Unsqueeze", ["x", "k"], ["u"]), oh.make_node("Squeeze", ["u", "k"], ["s"]),
+         oh.make_node("If", ["c"], ["i"], then_branch=branch("then"), else_branch=branch("else")),
+         oh.make_node("Relu", ["s"], ["y"])], "g",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1]), oh.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [onnx.numpy_helper.from_array(np.array([0], np.int64), "k")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
+    once = onnxopt.optimize(model, passes=["fuse"], verify="none")
+    assert once.passes[0].counts == {"squeeze_chain": 1, "dead_nodes_removed": 3}
+    assert onnxopt.optimize(once.model, passes=["fuse"], verify="none").passes[0].counts == {}
