@@ -297,12 +297,35 @@ def fold_bias_into_matmul(graph: gs.Graph) -> Counter:
 def _conv_consumer(conv: gs.Node, graph: gs.Graph, outs: set[int]) -> gs.Node | None:
     """The single consumer of the Conv's output, when the Conv's weights are ours to change."""
     y = conv.outputs[0]
-    if id(y) in outs or len(y.outputs) != 1:
+    if id(y) in outs:
         return None
+    if len(y.outputs) > 1 and not (_channel_affine(y.outputs[0], conv, graph) is not None
+                                   and _merge_identical(list(y.outputs), outs)):
+        return None  # several readers: only identical foldable ones, merged into one
     params = [t for t in conv.inputs[1:] if t.name]
     if not all(is_constant(t) and len(t.outputs) == 1 for t in params):
         return None  # a weight that is a graph input or shared with another node stays
     return y.outputs[0]
+
+
+def _merge_identical(readers: list[gs.Node], outs: set[int]) -> bool:
+    """When every reader is the same node (op, domain, attributes, the very same inputs) with one
+    output, keep the first: the others' readers read its output. Without this, cleanup's CSE
+    would merge them after fold ran, and only a second run would fold (found by fuzzing).
+    Returns False, changing nothing, when they differ."""
+    first = readers[0]
+    for other in readers[1:]:
+        if (other.op != first.op or other.domain != first.domain or other.attrs != first.attrs
+                or len(other.inputs) != len(first.inputs)
+                or any(a is not b for a, b in zip(other.inputs, first.inputs))
+                or len(other.outputs) != 1 or len(first.outputs) != 1 or id(other.outputs[0]) in outs
+                or any(True for _ in subgraphs(other))):
+            return False
+    for other in readers[1:]:
+        replace_uses(other.outputs[0], first.outputs[0])
+        other.inputs.clear()
+        other.outputs.clear()
+    return True
 
 
 def _channel_affine(nxt: gs.Node, conv: gs.Node, graph: gs.Graph):

@@ -1077,3 +1077,27 @@ def test_a_dead_if_no_longer_reads_the_outer_tensors():
     once = onnxopt.optimize(model, passes=["fuse"], verify="none")
     assert once.passes[0].counts == {"squeeze_chain": 1, "dead_nodes_removed": 3}
     assert onnxopt.optimize(once.model, passes=["fuse"], verify="none").passes[0].counts == {}
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_conv_read_by_two_identical_batchnorms_folds_in_one_run(same):
+    """Long fuzzing (fold,cleanup,fuse): cleanup's CSE merged the duplicate BatchNormalizations
+    after fold had refused a Conv with two readers, so only a second run folded. Identical
+    foldable readers are now merged by fold; different ones still block it."""
+    rng = np.random.default_rng(0)
+    consts = [onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "w")]
+    consts += [onnx.numpy_helper.from_array(rng.random(4).astype(np.float32) + 0.5, n) for n in ("s", "b", "m", "v")]
+    consts.append(onnx.numpy_helper.from_array(rng.random(4).astype(np.float32) + 0.5, "s2"))
+    graph = oh.make_graph(
+        [oh.make_node("Conv", ["x", "w"], ["c"]),
+         oh.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n1"]),
+         oh.make_node("BatchNormalization", ["c", "s" if same else "s2", "b", "m", "v"], ["n2"]),
+         oh.make_node("Relu", ["n1"], ["y1"]), oh.make_node("Relu", ["n2"], ["y2"])], "g",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [oh.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 4, 4]) for n in ("y1", "y2")], consts)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
+    feeds = {"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)}
+    once = onnxopt.optimize(model, passes=["fold", "cleanup"], inputs=feeds)
+    assert once.passes[0].counts.get("conv_bn_folded", 0) == (1 if same else 0)
+    assert onnxopt.optimize(once.model, passes=["fold", "cleanup"], verify="none").passes[0].counts == {}
+    assert all(o["ok"] for o in once.verification["outputs"])
