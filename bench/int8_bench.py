@@ -31,23 +31,12 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import run_bench as rb  # noqa: E402
 import text_data  # noqa: E402
+from static_bench import QUANTIZE_STATIC  # noqa: E402  (the same quantize_static run on both benches)
 
 ORT_DYNAMIC = """import sys
 from onnxruntime.quantization import QuantType, quantize_dynamic
 quantize_dynamic(sys.argv[1], sys.argv[2], weight_type=QuantType.QInt8, per_channel=sys.argv[3] == "1",
                  reduce_range=sys.argv[3] == "1")
-"""
-ORT_STATIC = """import sys, glob, numpy as np, onnx
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-src, dst, folder = sys.argv[1:4]
-files = sorted(glob.glob(folder + "/*.npz"))
-class Reader(CalibrationDataReader):
-    def __init__(self):
-        self.it = iter(dict(np.load(f)) for f in files)
-    def get_next(self):
-        return next(self.it, None)
-quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 """
 ORT_INT4 = """import sys, onnx
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -79,7 +68,7 @@ def make(tool, src, out, calib, args):
     elif spec == "int4":
         cmd = [sys.executable, "-c", ORT_INT4, str(src), str(out)]
     elif spec == "static":
-        cmd = [sys.executable, "-c", ORT_STATIC, str(src), str(out), str(calib)]
+        cmd = [sys.executable, "-c", QUANTIZE_STATIC, str(src), str(out), str(calib)]
     else:
         cmd = [sys.executable, "-c", ORT_DYNAMIC, str(src), str(out), spec]
     p = subprocess.run(cmd, capture_output=True, text=True)

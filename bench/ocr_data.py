@@ -96,11 +96,9 @@ def main():
     args = ap.parse_args()
     cal, ev = text_data.split(1500, 1500)
     for kind in ("rec", "cls", "det"):
-        for part, sentences, n, seed in (("calibration", cal, args.calibration, 1), ("evaluation", ev, args.evaluation, 2)):
-            folder = args.out / kind / part
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, feed in enumerate(make(kind, sentences, n, seed)):
-                np.savez(folder / f"{i:05d}.npz", **feed)
+        for part, sentences, n, seed in (("calibration", cal, args.calibration, 1),
+                                         ("evaluation", ev, args.evaluation, 2)):
+            text_data.write_folder(make(kind, sentences, n, seed), args.out / kind / part)
 
 
 if __name__ == "__main__":

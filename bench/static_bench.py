@@ -66,9 +66,7 @@ def data(kind, count, part, folder: Path, name: str):
         feeds = [{name: f["x"]} for f in feeds]
     else:
         feeds = ocr_data.make(kind, sentences, count, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, f in enumerate(feeds):
-        np.savez(folder / f"{i:05d}.npz", **f)
+    text_data.write_folder(feeds, folder)
     return feeds
 
 

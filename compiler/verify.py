@@ -245,8 +245,9 @@ def run_model(path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return run_samples(path, [feeds])[0]
 
 
-def run_samples(path: str, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """run_model over several feed dicts, with one session."""
+def reference_session(path: str):
+    """An onnxruntime session on the CPU provider with graph optimizations off, as every
+    reference and verification run uses. Raises RuntimeUnavailable when it cannot load."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(4)  # errors reach the user as one line, not as ORT's log
@@ -262,9 +263,14 @@ def run_samples(path: str, samples: list[dict[str, np.ndarray]]) -> list[dict[st
     opts.enable_cpu_mem_arena = False
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     try:
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise RuntimeUnavailable(f"onnxruntime cannot load the model: {_short(e)}") from None
+
+
+def run_samples(path: str, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """run_model over several feed dicts, with one session."""
+    session = reference_session(path)
     wanted = {i.name for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     results = []

@@ -32,12 +32,7 @@ def observe(model, names: list[str], samples: list[dict], each: Callable[[dict[s
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
         path = verification.write_for_runtime(export_model(m), tmp, consume=True)
         del m
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.log_severity_level = 4
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        session = verification.reference_session(path)
         wanted = {i.name for i in session.get_inputs()}
         for feeds in samples:
             outs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
