@@ -111,6 +111,7 @@ def import_model(model: onnx.ModelProto, shapes: bool = True, base_dir: str | No
             del model.graph.value_info[n_value_info:]
     # gs keeps the proto's own opset list: a copy, so a domain a pass adds never reaches the input
     graph.import_domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
+    _attach_node_metadata(model.graph, graph)
     if model.ir_version >= 4:  # before IR 4 all initializers are inputs: export lists them again
         _restore_initializer_inputs(model.graph, graph)
     if base_dir is not None:
@@ -123,6 +124,27 @@ def import_model(model: onnx.ModelProto, shapes: bool = True, base_dir: str | No
     _copy_model_fields(model, meta)
     meta.graph.metadata_props.extend(model.graph.metadata_props)
     return Model(graph, meta, value_info_names, dropped)
+
+
+def _attach_node_metadata(proto: onnx.GraphProto, graph: gs.Graph) -> None:
+    """gs drops a node's metadata_props (onnxruntime's `layer_ann`, exporters' source locations):
+    keep them on the IR node as a dict `metadata_props`, for the exporter to write back."""
+    for pn, node in zip(proto.node, graph.nodes):
+        if pn.metadata_props:
+            node.metadata_props = {e.key: e.value for e in pn.metadata_props}
+        for attr in pn.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _attach_node_metadata(attr.g, node.attrs[attr.name])
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub_proto, sub in zip(attr.graphs, node.attrs[attr.name]):
+                    _attach_node_metadata(sub_proto, sub)
+
+
+def node_metadata(node: gs.Node) -> dict[str, str]:
+    """The node's metadata_props (a dict the caller may change); created empty when it has none."""
+    if getattr(node, "metadata_props", None) is None:
+        node.metadata_props = {}
+    return node.metadata_props
 
 
 def _restore_initializer_inputs(proto: onnx.GraphProto, graph: gs.Graph) -> None:
@@ -289,6 +311,8 @@ def _export_node(node: gs.Node, keep: set[str], visible: frozenset, sink=None) -
                                   name=node.name, domain=node.domain)
     plain = {k: v for k, v in node.attrs.items() if not _is_graph_attr(v)}
     proto.attribute.extend(OnnxExporter.export_attributes(plain))
+    for key, value in (getattr(node, "metadata_props", None) or {}).items():
+        proto.metadata_props.add(key=key, value=value)
     inner = sink if sink is not None and sink.nested else None  # the sink for subgraphs' tensors
     for key, value in node.attrs.items():
         if isinstance(value, gs.Graph):

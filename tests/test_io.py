@@ -599,3 +599,26 @@ def test_external_weights_are_read_only_when_looked_at(tmp_path):
     assert result.verification["outputs"][0]["max_abs"] == 0.0
     out = onnx.load(tmp_path / "out.onnx")
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(out.graph.initializer[1]), values(w1))
+
+
+def test_node_metadata_props_survive_the_passes():
+    """gs drops a node's metadata_props; import/export keep them (onnxruntime's layer_ann, exporters'
+    source locations), in the main graph and in subgraphs."""
+    then_g = oh.make_graph([oh.make_node("Relu", ["x"], ["o"], name="inner")], "then", [],
+                           [oh.make_tensor_value_info("o", TensorProto.FLOAT, [2])])
+    else_g = oh.make_graph([oh.make_node("Neg", ["x"], ["o2"])], "else", [],
+                           [oh.make_tensor_value_info("o2", TensorProto.FLOAT, [2])])
+    nodes = [oh.make_node("Relu", ["x"], ["r"], name="relu"), oh.make_node("ReduceSum", ["r"], ["s"], keepdims=0),
+             oh.make_node("Greater", ["s", "zero"], ["c"]),
+             oh.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="if")]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                          [oh.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    model.graph.node[0].metadata_props.add(key="source", value="layer.py:12")
+    model.graph.node[3].attribute[0].g.node[0].metadata_props.add(key="layer_ann", value="branch")
+    out = onnxopt.optimize(model, passes=["fold", "cleanup", "fuse"]).model
+    relu = next(n for n in out.graph.node if n.name == "relu")
+    assert {e.key: e.value for e in relu.metadata_props} == {"source": "layer.py:12"}
+    inner = next(n for n in out.graph.node if n.op_type == "If").attribute[0].g.node[0]
+    assert {e.key: e.value for e in inner.metadata_props} == {"layer_ann": "branch"}
