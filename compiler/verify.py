@@ -250,6 +250,16 @@ def reference_session(path: str):
     reference and verification run uses. Raises RuntimeUnavailable when it cannot load."""
     import onnxruntime as ort
 
+    try:
+        return ort.InferenceSession(path, reference_options(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise RuntimeUnavailable(f"onnxruntime cannot load the model: {_short(e)}") from None
+
+
+def reference_options():
+    """The SessionOptions of reference_session (for runs that must compute exactly as it does)."""
+    import onnxruntime as ort
+
     ort.set_default_logger_severity(4)  # errors reach the user as one line, not as ORT's log
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -262,10 +272,7 @@ def reference_session(path: str):
     opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.enable_cpu_mem_arena = False
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    try:
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise RuntimeUnavailable(f"onnxruntime cannot load the model: {_short(e)}") from None
+    return opts
 
 
 def run_samples(path: str, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
