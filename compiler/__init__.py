@@ -25,7 +25,7 @@ from .graph import Model, constant_bytes, count_nodes, count_params, export_mode
 from .pipeline import Context, Pass, PassRecord, order_passes, parse_options, parse_pass_list, registry, run_passes
 
 __all__ = ["optimize", "Result", "Pass", "Context", "registry", "OnnxoptError", "UsageError", "ModelError",
-           "VerificationError"]
+           "VerificationError", "PartitionedSession"]
 __version__ = "0.1.0"
 
 VERIFY_MODES = ("none", "final", "each")
@@ -47,6 +47,7 @@ class Result:
     written: list[str] = field(default_factory=list)
     model: onnx.ModelProto | None = None  # set when no output path was given
     explain: list[str] = field(default_factory=list)  # near-misses and why (explain=True)
+    details: dict = field(default_factory=dict)  # per pass, what it reports beyond counts (the partition plan)
 
     def as_dict(self) -> dict:
         return _finite({
@@ -59,6 +60,7 @@ class Result:
             "output": self.output,
             "written": self.written,
             "explain": self.explain,
+            "details": self.details,
         })
 
 
@@ -67,6 +69,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
              input_shapes: dict | list | None = None, options: dict | list | None = None, target: str = "onnx",
              max_opset: int | None = None, external_data: bool | None = None, calibration_data=None,
              quant: str | None = None, min_cosine: float | None = None, write_over_budget: bool = False,
+             devices=None, pins=None, split: str | os.PathLike | None = None,
              explain: bool = False, progress: Callable[[str], None] | None = None) -> Result:
     """Run the selected passes on a model file or ModelProto, verify, and write `output` atomically.
 
@@ -79,6 +82,10 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     Result.verification["over_budget"]); otherwise VerificationError.
     max_opset: the opset a pass may raise the model to when a fused operator needs it (None:
     the model's opset is kept).
+    devices: the partition pass's devices in preference order, built-in names (cpu, cuda,
+    tensorrt) or spec files, as a list or "cuda,cpu" (the default). pins: ["Softmax=cpu", ...]
+    (an op type, a node name or a name pattern). split: a folder for one model per partition and
+    a manifest (onnxopt.PartitionedSession runs it); checked to give the same outputs.
     explain: passes record why near-misses were not rewritten (Result.explain).
     options: {"fold": {"size_limit": 1024}} or ["fold.size_limit=1024"]. inputs: feeds for
     verification (dict or .npz path). input_shapes: {"x": [1, 3, 224, 224]} or ["x=1x3x224x224"].
@@ -98,6 +105,13 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         raise UsageError(f"--quant {quant} needs the quant pass in --passes")
     if "quant" in ordered and quant is None:
         raise UsageError("the quant pass needs --quant MODE (fp16)")
+    for flag, value in (("--devices", devices), ("--pin", pins), ("--split", split)):
+        if value and "partition" not in ordered:
+            raise UsageError(f"{flag} needs the partition pass in --passes")
+    if split is not None:
+        from .passes.partition.split import check_split_dir
+
+        check_split_dir(os.fspath(split))
     if min_cosine is not None and not 0.0 < min_cosine <= 1.0:
         raise UsageError(f"bad --min-cosine {min_cosine}: expected a number in (0, 1]")
     if max_opset is not None and not 1 <= max_opset <= onnx.defs.onnx_opset_version():
@@ -130,14 +144,20 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     calibration, evaluation = verification.split_samples(samples) if samples else (None, None)
     if given is not None or not evaluation:
         evaluation = None
-        if verify != "none" or "quant" in ordered:  # the lossy passes measure their error on these
-            evaluation = [verification.make_inputs(m.graph, shapes, given)]
+        needed = verify != "none" or "quant" in ordered  # the lossy passes measure their error on these
+        if needed or "partition" in ordered:  # partition's cost model takes the sample's shapes
+            try:
+                evaluation = [verification.make_inputs(m.graph, shapes, given)]
+            except (UsageError, TypeError, ValueError):  # an input no sample can be made for (float8...)
+                if needed:
+                    raise
     else:  # real data held back from calibration verifies better than generated inputs
         evaluation = evaluation[:MAX_EVALUATION_SAMPLES]
     budget = min_cosine if min_cosine is not None else LOSSY_BUDGETS.get(quant, 0.99)
     check = _Checker(verify, evaluation, in_path, proto, say, budget, write_over_budget)
     ctx = Context(target=target, max_opset=max_opset, quant=quant, min_cosine=budget, calibration_data=calibration,
-                  inputs=given, evaluation=evaluation, explain=explain, log=notes.append)
+                  inputs=given, evaluation=evaluation, explain=explain, log=notes.append,
+                  devices=devices, pins=list(pins or []))
     each = functools.partial(check.after_pass, m=m) if verify == "each" else None
     records = run_passes(m, ordered, pass_options, ctx, after_each=each,
                          progress=lambda i, n, name: say(f"[{i + 1}/{n}] {name}"))
@@ -161,14 +181,19 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         if pending is not None:
             pending.check()
             check.final(pending.tmp_model, ordered)
+            if split is not None:
+                _write_split(pending.tmp_model, os.fspath(split), out_path, check, ctx.details, say)
             written = pending.commit()
             pending = None
             size_after = sum(os.path.getsize(p) for p in written)
         else:
             io.check_model(out_model)
-            if check.reference is not None:  # nothing to compare with: no file to write
+            if check.reference is not None or split is not None:  # else nothing to compare with: no file to write
                 with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
-                    check.final(verification.write_for_runtime(out_model, tmp), ordered)
+                    path = verification.write_for_runtime(out_model, tmp)
+                    check.final(path, ordered)
+                    if split is not None:
+                        _write_split(path, os.fspath(split), None, check, ctx.details, say)
             size_after = _proto_size(out_model)
     except VerificationError:
         if verify == "final" and len(ordered) > 1 and check.reference is not None:
@@ -183,7 +208,20 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         passes=records, verification=check.summary(), before=before,
         after={"nodes": after_nodes, "params": after_params, "size": size_after},
         seconds=time.perf_counter() - start, order_note=note, output=out_path, written=written,
-        model=out_model, explain=notes)
+        model=out_model, explain=notes, details=ctx.details)
+
+
+def _write_split(model_path: str, folder: str, name: str | None, check: "_Checker", details: dict, say) -> None:
+    """Write the split of the verified model and check it gives the model's outputs exactly."""
+    from .passes.partition.split import compare_split, write_split
+
+    say("writing the split")
+    manifest = write_split(model_path, folder, name)
+    record = {"folder": folder, "partitions": len(manifest["partitions"])}
+    if check.final_outputs is not None:
+        say("verifying the split")
+        record["max_abs_diff"] = compare_split(folder, check.feeds, check.final_outputs)
+    details.setdefault("partition", {})["split"] = record
 
 
 def _input_shapes(input_shapes) -> dict:
@@ -213,6 +251,7 @@ class _Checker:
         self.previous = None
         self.skipped = "--verify none" if mode == "none" else None
         self.outputs: list[dict] = []
+        self.final_outputs: list[dict] | None = None  # the result's outputs on the feeds
         if mode == "none":
             return
         self.feeds = feeds
@@ -259,6 +298,7 @@ class _Checker:
             got = verification.run_samples(path, self.feeds)
         except (verification.RuntimeUnavailable, verification.RunFailed) as e:
             raise VerificationError(f"the optimized model cannot run on onnxruntime: {e}") from None
+        self.final_outputs = got
         tolerance = _tolerance(ordered)
         metrics = verification.compare_samples(self.reference, got, tolerance, self.budget)
         self.outputs = [x.as_dict() for x in metrics]
@@ -321,3 +361,11 @@ def _finite(x: Any):
     if isinstance(x, (list, tuple)):
         return [_finite(v) for v in x]
     return x
+
+
+def __getattr__(name):  # the split runner, loaded when first used
+    if name == "PartitionedSession":
+        from .passes.partition.split import PartitionedSession
+
+        return PartitionedSession
+    raise AttributeError(f"module 'onnxopt' has no attribute {name!r}")

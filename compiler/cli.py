@@ -15,6 +15,7 @@ import click
 
 from . import optimize
 from .errors import OnnxoptError, UsageError
+from .io import check_folder_writable
 from .pipeline import registry
 from .report import summary_lines, write_report
 
@@ -76,6 +77,15 @@ class Progress:
               help="Write the result even when an output misses --min-cosine (each miss is a warning).")
 @click.option("--external-data", is_flag=True,
               help="Write tensors to OUTPUT.data beside the model (always done above 2 GB).")
+@click.option("--devices", metavar="LIST",
+              help="The partition pass's devices, in preference order: built-in cpu, cuda, tensorrt, or spec files "
+                   "(.json, .yaml); default cuda,cpu.")
+@click.option("--pin", "pins", multiple=True, metavar="WHAT=DEVICE",
+              help="Put nodes on a device: WHAT is an op type, a node name or a name pattern ('*attn*=cuda'); "
+                   "repeatable.")
+@click.option("--split", "split_dir", metavar="DIR",
+              help="Also write one model per partition and a manifest into DIR (run with onnxopt-run or "
+                   "onnxopt.PartitionedSession); checked to give the model's outputs.")
 @click.option("--report", "report_path", metavar="FILE.json", help="Write per-pass counts and times, metrics, sizes.")
 @click.option("--explain", is_flag=True, help="Show, per rule, why near-misses were not rewritten (also with -v).")
 @click.option("--list-passes", is_flag=True, help="List the passes and their options, then exit.")
@@ -83,8 +93,8 @@ class Progress:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.version_option(package_name="onnxopt")
 def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_shapes, target, max_opset,
-        quant, calibration_path, min_cosine, write_over_budget, external_data, report_path, explain, list_passes,
-        verbose, quiet):
+        quant, calibration_path, min_cosine, write_over_budget, external_data, devices, pins, split_dir, report_path,
+        explain, list_passes, verbose, quiet):
     """Optimize the ONNX model INPUT and write it to OUTPUT, verified against onnxruntime.
 
     Example: onnxopt model.onnx -o model.opt.onnx --passes fold,cleanup
@@ -106,6 +116,7 @@ def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_s
                           input_shapes=list(input_shapes), options=list(opts), target=target, max_opset=max_opset,
                           quant=quant, calibration_data=calibration_path, min_cosine=min_cosine,
                           write_over_budget=write_over_budget, external_data=True if external_data else None,
+                          devices=devices, pins=list(pins), split=split_dir,
                           explain=explain or verbose, progress=progress)
     except KeyboardInterrupt:
         raise Interrupted("interrupted") from None  # before click's own handler adds a blank line
@@ -132,11 +143,7 @@ def check_report_path(report_path: str, input_path: str, output_path: str) -> No
         if os.path.realpath(report_path) == os.path.realpath(other) or (
                 os.path.exists(report_path) and os.path.exists(other) and os.path.samefile(report_path, other)):
             raise UsageError(f"--report path is the {label} path: {report_path}")
-    folder = os.path.dirname(os.path.abspath(report_path))
-    if not os.path.isdir(folder):
-        raise OnnxoptError(f"cannot write --report: folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OnnxoptError(f"cannot write --report: folder is not writable: {folder}")
+    check_folder_writable(report_path, "--report")
 
 
 def passes_table() -> str:
@@ -155,30 +162,93 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through the cleanup that removes temporary files
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("split_dir", metavar="DIR")
+@click.option("--inputs", "inputs_path", metavar="FILE.npz", help="The graph inputs: one array per input, by name.")
+@click.option("-o", "--output", "output_path", metavar="OUT.npz", help="Write the outputs here (one array per output).")
+@click.option("--provider", "providers", multiple=True, metavar="DEVICE=PROVIDER",
+              help="Run DEVICE's partitions with this execution provider instead of the manifest's; repeatable.")
+@click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.version_option(package_name="onnxopt")
+def run_cli(split_dir, inputs_path, output_path, providers, verbose, quiet):
+    """Run the split in DIR (written by onnxopt --split): each partition with its device's execution
+    provider, falling back to the CPU with a warning where this onnxruntime lacks it.
+
+    Example: onnxopt-run parts/ --inputs inputs.npz -o outputs.npz
+    """
+    import warnings
+
+    import numpy as np
+
+    from . import PartitionedSession
+    from .verify import load_inputs
+
+    if not inputs_path:
+        raise UsageError("missing --inputs FILE.npz")
+    chosen = {}
+    for item in providers:
+        device, sep, provider = item.partition("=")
+        if not sep or not device or not provider:
+            raise UsageError(f"bad --provider {item!r}: expected DEVICE=PROVIDER")
+        chosen[device] = provider
+    feeds = load_inputs(inputs_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session = PartitionedSession(split_dir, chosen)
+    for w in caught:
+        click.echo(f"onnxopt-run: warning: {str(w.message).removeprefix('onnxopt: ')}", err=True)
+    outputs = session.run(None, feeds)
+    if output_path:
+        tmp = output_path + ".tmp.npz"
+        try:
+            np.savez(tmp, **dict(zip(session.get_outputs(), outputs)))
+            os.replace(tmp, output_path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise OnnxoptError(f"cannot write {output_path}: {e.strerror or e}") from None
+    if not quiet:
+        lines = [f"  partition {p['index']}: {p['device']} on {provider}, {p['nodes']} nodes"
+                 for p, provider in zip(session.parts, session.providers)]
+        lines += [f"  output {name}: {value.dtype} {list(value.shape)}" for name, value in
+                  zip(session.get_outputs(), map(np.asarray, outputs))]
+        click.echo("\n".join([f"onnxopt-run: ran {len(session.parts)} partitions"] + lines), err=True)
+    return 0
+
+
 def main(argv=None) -> None:
+    _run(cli, "onnxopt", argv)
+
+
+def run_main(argv=None) -> None:
+    _run(run_cli, "onnxopt-run", argv)
+
+
+def _run(command, prog: str, argv) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     args = sys.argv[1:] if argv is None else list(argv)
     verbose = any(a in ("-v", "--verbose") for a in args)
     try:
-        code = cli.main(args=args, prog_name="onnxopt", standalone_mode=False)
+        code = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as e:
         code = e.exit_code
     except click.ClickException as e:  # click's own usage errors
-        _fail(e.format_message(), 2, verbose)
+        _fail(e.format_message(), 2, verbose, prog)
     except OnnxoptError as e:
-        _fail(str(e), e.exit_code, verbose)
+        _fail(str(e), e.exit_code, verbose, prog)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        _fail("interrupted", 130, False)
+        _fail("interrupted", 130, False, prog)
     except Exception as e:  # noqa: BLE001 - a bug: still one line unless -v
-        _fail(f"internal error: {type(e).__name__}: {e}", 1, verbose)
+        _fail(f"internal error: {type(e).__name__}: {e}", 1, verbose, prog)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _fail(message: str, code: int, verbose: bool) -> None:
+def _fail(message: str, code: int, verbose: bool, prog: str = "onnxopt") -> None:
     if verbose:
         traceback.print_exc()
     text = " ".join(str(message).split())
-    sys.stderr.write(f"onnxopt: error: {text}\n")
+    sys.stderr.write(f"{prog}: error: {text}\n")
     sys.exit(code)
 
 

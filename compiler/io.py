@@ -38,12 +38,17 @@ def check_output_path(input_path: str | None, output_path: str) -> None:
     if input_path is not None and (os.path.realpath(input_path) == os.path.realpath(output_path) or (
             os.path.exists(output_path) and os.path.samefile(input_path, output_path))):
         raise UsageError("output path is the input path; the input is never overwritten")
-    folder = os.path.dirname(os.path.abspath(output_path))
+    check_folder_writable(output_path, "output")
+
+
+def check_folder_writable(path: str, what: str) -> None:
+    """Refuse a path whose folder is missing or not writable: `cannot write WHAT: ...`."""
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         problem = "not a folder" if os.path.exists(folder) else "folder does not exist"
-        raise OnnxoptError(f"cannot write output: {problem}: {folder}")
+        raise OnnxoptError(f"cannot write {what}: {problem}: {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise OnnxoptError(f"cannot write output: folder is not writable: {folder}")
+        raise OnnxoptError(f"cannot write {what}: folder is not writable: {folder}")
 
 
 def load_model(path: str) -> onnx.ModelProto:

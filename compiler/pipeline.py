@@ -51,7 +51,9 @@ class Context:
     calibration_data: list[dict] | None = None  # samples to calibrate on (the held-out ones excluded)
     inputs: dict | None = None
     evaluation: list[dict] | None = None  # samples a lossy pass measures its error on: those verification uses
-    device: dict = field(default_factory=dict)
+    devices: list[str] | None = None  # the partition pass's devices: built-in names or spec files (--devices)
+    pins: list[str] = field(default_factory=list)  # the partition pass's pins, WHAT=DEVICE (--pin)
+    details: dict[str, Any] = field(default_factory=dict)  # per pass, what the report shows beyond counts
     explain: bool = False
     log: Callable[[str], None] = lambda message: None
 

@@ -4,6 +4,7 @@
 from .cleanup import CleanupPass
 from .fold import FoldPass
 from .fuse import FusePass
+from .partition import PartitionPass
 from .quant import QuantPass
 
-PASSES = [FoldPass, CleanupPass, FusePass, QuantPass]
+PASSES = [FoldPass, CleanupPass, FusePass, QuantPass, PartitionPass]

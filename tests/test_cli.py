@@ -163,7 +163,9 @@ def test_report_contents(cli, simple_path, tmp_path):
     ran = cli(simple_path, "-o", out, "--passes", "fold,cleanup", "--report", report, "-q")
     assert (ran.code, ran.err) == (0, "")
     r = json.loads(report.read_text())
-    assert set(r) == {"passes", "order_note", "verification", "before", "after", "seconds", "output", "written", "explain"}
+    assert set(r) == {"passes", "order_note", "verification", "before", "after", "seconds", "output", "written",
+                      "explain", "details"}
+    assert r["details"] == {}  # what a pass reports beyond counts (the partition plan)
     assert [p["name"] for p in r["passes"]] == ["fold", "cleanup"]
     assert r["passes"][0]["counts"] == {"constant_nodes_to_initializers": 1}
     assert r["passes"][1]["counts"] == {"identity_removed": 1}
@@ -462,7 +464,7 @@ def test_write_failure_is_one_line_and_leaves_nothing(cli, assert_error, simple_
     ("output", 2, "--report path is the output path: "),
     ("folder", 2, "--report path is a folder: "),
     ("missing_folder", 1, "cannot write --report: folder does not exist: "),
-    ("under_a_file", 1, "cannot write --report: folder does not exist: "),
+    ("under_a_file", 1, "cannot write --report: not a folder: "),
 ])
 def test_bad_report_path(cli, assert_error, simple_path, tmp_path, sha256, kind, code, fragment):
     digest = sha256(simple_path)
@@ -761,3 +763,83 @@ def test_interrupt_during_verification_leaves_nothing(cli, assert_error, simple_
     assert_error(cli(simple_path, "-o", tmp_path / "out.onnx"), 130, "interrupted")
     assert len(calls) == 2
     assert os.listdir(tmp_path) == ["in.onnx"]
+
+
+# --------------------------------------------------------------------------------- partition
+
+
+def _spec(tmp_path, ops) -> str:
+    path = tmp_path / "npu.json"
+    path.write_text(json.dumps({"name": "npu", "provider": "NpuExecutionProvider", "ops": ops,
+                                "throughput": {"default": 1e15}, "launch": 0,
+                                "link": {"bandwidth": 1e15, "latency": 0}}))
+    return str(path)
+
+
+def _run_split(capsys, *args):
+    from onnxopt.cli import run_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def test_partition_with_devices_pins_split_and_onnxopt_run(cli, capsys, simple_model, simple_path, tmp_path):
+    out, split, report = tmp_path / "out.onnx", tmp_path / "parts", tmp_path / "report.json"
+    ran = cli(simple_path, "-o", out, "--passes", "cleanup,partition", "--devices", f"{_spec(tmp_path, ['Add'])},cpu",
+              "--pin", "Relu=cpu", "--split", split, "--report", report)
+    assert ran.code == 0, ran.err
+    # the spec names no designator: onnxruntime's catch-all for a device that is not the cpu
+    assert "partition: session.layer_assignment_settings = accelerator(onnxopt/npu/); cpu(onnxopt/cpu/)" in ran.err
+    details = json.loads(report.read_text())["details"]["partition"]
+    assert [(p["device"], p["ops"]) for p in details["partitions"]] == [("npu", {"Add": 1}), ("cpu", {"Relu": 1})]
+    assert details["split"] == {"folder": str(split), "partitions": 2, "max_abs_diff": 0.0}
+    np.savez(tmp_path / "x.npz", **feeds_x(3))
+    code, stdout, err = _run_split(capsys, split, "--inputs", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    assert code == 0 and stdout == ""
+    assert "NpuExecutionProvider is not available here: partition 0 runs on CPUExecutionProvider" in err
+    assert "partition 1: cpu on CPUExecutionProvider, 1 nodes" in err
+    got = np.load(tmp_path / "y.npz")
+    np.testing.assert_array_equal(got["y"], run(simple_model, feeds_x(3))["y"])
+    code, _, err = _run_split(capsys, split, "--inputs", tmp_path / "x.npz", "--provider", "npu=CPUExecutionProvider",
+                              "-q")
+    assert code == 0 and err == ""
+
+
+def test_onnxopt_run_script_is_installed(cli_subprocess):
+    script = os.path.join(os.path.dirname(sys.executable), "onnxopt-run")
+    if not os.path.exists(script):
+        pytest.skip("the onnxopt-run script is not installed beside this interpreter")
+    ran = cli_subprocess("--help", command=[script])
+    assert ran.code == 0 and "Run the split in DIR" in ran.out
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--passes", "partition", "--devices", "nowhere.json"], "device spec file not found: nowhere.json"),
+    (["--passes", "partition", "--devices", "tpu"], "unknown device 'tpu'"),
+    (["--passes", "cleanup", "--pin", "Relu=cpu"], "--pin needs the partition pass in --passes"),
+    (["--passes", "partition", "--pin", "Conv=cpu"], "--pin Conv=cpu: no node has that op type or name"),
+    (["--passes", "partition", "--pin", "Relu"], "bad --pin 'Relu'"),
+])
+def test_partition_usage_errors(cli, assert_error, simple_path, tmp_path, args, fragment):
+    out = tmp_path / "out.onnx"
+    assert_error(cli(simple_path, "-o", out, *args), 2, fragment)
+    assert not out.exists()
+
+
+def test_split_into_a_foreign_folder_is_refused(cli, assert_error, simple_path, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("keep")
+    out = tmp_path / "out.onnx"
+    assert_error(cli(simple_path, "-o", out, "--passes", "partition", "--split", tmp_path / "mine"), 2,
+                 "--split folder is not empty and holds no earlier split")
+    assert not out.exists() and (tmp_path / "mine" / "a.txt").read_text() == "keep"
+
+
+def test_onnxopt_run_errors(capsys, tmp_path):
+    code, out, err = _run_split(capsys, tmp_path, "--inputs", tmp_path / "x.npz")
+    assert code == 2 and out == "" and err.startswith("onnxopt-run: error: ") and len(err.splitlines()) == 1
+    code, _, err = _run_split(capsys, tmp_path)
+    assert code == 2 and "missing --inputs FILE.npz" in err

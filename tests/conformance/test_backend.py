@@ -47,8 +47,8 @@ FOLD = harness.Config("fold", ("fold",))
 def test_configs_cover_every_lossless_pass():
     names = [c.name for c in harness.configs()]
     if "fuse" in registry():
-        assert names == ["fold", "cleanup", "fuse:onnx", "fuse:ort", "all:onnx", "all:ort", "all:onnx:max-opset-24",
-                         "all:ort:max-opset-24"]
+        assert names == ["fold", "cleanup", "fuse:onnx", "fuse:ort", "partition", "all:onnx", "all:ort",
+                         "all:onnx:max-opset-24", "all:ort:max-opset-24"]
     else:
         assert names == ["fold", "cleanup", "all"]
         assert harness.configs()[-1] == harness.Config("all", ("fold", "cleanup"), "onnx")
