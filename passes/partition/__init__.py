@@ -17,13 +17,16 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
+import onnx
+import onnx_graphsurgeon as gs
+
 from onnxopt.errors import UsageError
-from onnxopt.graph import node_metadata
+from onnxopt.graph import cleanup, node_metadata, onnx_dtype
 from onnxopt.pipeline import Pass
 
 from . import specs
 from .cost import node_costs, tensor_infos
-from .plan import Problem, make_plan, parse_pins, plan_cost, runs
+from .plan import Problem, node_reads, node_refusal, make_plan, order_runs, parse_pins, plan_cost, runs
 from .split import DEVICES_KEY, SETTINGS_KEY
 
 DEFAULT_DEVICES = ("cuda", "cpu")
@@ -70,11 +73,18 @@ class PartitionPass(Pass):
     @dataclass
     class Options:
         min_size: int = 4  # a partition of fewer nodes moves to a neighbouring device when that device can run it
+        precision: str = ""  # per device, DEVICE=fp16|int8 comma-separated (cuda=fp16,cpu=int8): lossy
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        if self.options.precision:
+            self.tolerance = "lossy"  # the quant pass's conversions, inside the --min-cosine budget
 
     def run(self, model, ctx):
         if self.options.min_size < 1:
             raise UsageError("partition.min_size must be at least 1")
         devices = load_devices(ctx.devices or DEFAULT_DEVICES)
+        modes = parse_precision(self.options.precision, devices)
         graph = model.graph
         opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in graph.import_domains or []}
         opsets.setdefault("", int(graph.opset or 0))
@@ -82,19 +92,31 @@ class PartitionPass(Pass):
         costs = node_costs(graph, infos)
         problem = Problem(graph, devices, costs, infos, parse_pins(ctx.pins), opsets)
         plan = make_plan(problem, self.options.min_size)
-        changed = 0
-        for part in plan.partitions:
-            for i in part.nodes:
-                meta = node_metadata(problem.nodes[i])
-                wanted = {ANNOTATION: annotation(part.device, part.index), DEVICE_KEY: part.device,
-                          PARTITION_KEY: str(part.index)}
-                if any(meta.get(k) != v for k, v in wanted.items()):
-                    if not meta.get(ANNOTATION, "onnxopt/").startswith("onnxopt/"):
-                        ctx.log(f"partition: node {problem.nodes[i].name!r} had layer_ann {meta[ANNOTATION]!r}: "
-                                "replaced")
-                    meta.update(wanted)
-                    changed += 1
         summary = report(problem, plan, costs)
+        device_of = {id(node): k for node, k in zip(problem.nodes, plan.assignment)}
+        counts = Counter()
+        if modes:
+            counts += apply_precision(model, ctx, devices, device_of, modes, opsets)
+            summary["precision"] = {devices[k].name: mode for k, mode in modes.items()}
+        nodes = list(graph.nodes)
+        reads = [node_reads(n) for n in nodes]
+        assign = [device_of[id(n)] for n in nodes]
+        seq = order_runs(nodes, reads, assign)
+        for k, run in enumerate(seq):
+            device = devices[assign[run[0]]].name
+            for i in run:
+                meta = node_metadata(nodes[i])
+                wanted = {ANNOTATION: annotation(device, k), DEVICE_KEY: device, PARTITION_KEY: str(k)}
+                if any(meta.get(key) != v for key, v in wanted.items()):
+                    if not meta.get(ANNOTATION, "onnxopt/").startswith("onnxopt/"):
+                        ctx.log(f"partition: node {nodes[i].name!r} had layer_ann {meta[ANNOTATION]!r}: replaced")
+                    meta.update(wanted)
+                    counts["nodes_annotated"] += 1
+        if modes:  # the plan's partitions as the conversions left them (the estimates are the float plan's)
+            summary["partitions"] = [{"index": k, "device": devices[assign[run[0]]].name, "nodes": len(run),
+                                      "ops": dict(Counter(nodes[i].op for i in run).most_common())}
+                                     for k, run in enumerate(seq)]
+            summary["nodes_per_device"] = dict(Counter(devices[a].name for a in assign))
         settings = summary["session_config"]["session.layer_assignment_settings"]
         fallback = summary["ort_fallback"]
         ctx.details["partition"] = summary
@@ -103,7 +125,7 @@ class PartitionPass(Pass):
             DEVICES_KEY: json.dumps({d.name: {"designator": d.designator, "provider": d.provider}
                                      for d in devices if d.name in used}, sort_keys=True),
             SETTINGS_KEY: settings})
-        ctx.log(f"partition: {len(plan.partitions)} partitions "
+        ctx.log(f"partition: {len(seq)} partitions "
                 f"({', '.join(f'{d} {n} nodes' for d, n in summary['nodes_per_device'].items())}), "
                 f"{summary['boundary_bytes']} bytes across devices; onnxruntime's node-by-node fallback: "
                 f"{fallback['partitions']} partitions, {fallback['boundary_bytes']} bytes")
@@ -113,7 +135,73 @@ class PartitionPass(Pass):
             ctx.log(f"partition: partition {k} ({part.device}, {len(part.nodes)} nodes) is under min_size: {why}")
         for i in plan.unplaced:
             ctx.log(f"partition: no device runs node {problem.nodes[i].name!r} ({problem.nodes[i].op}): left on cpu")
-        return {"nodes_annotated": changed}
+        return +counts
+
+
+PRECISIONS = ("fp16", "int8")
+
+
+def parse_precision(text: str, devices: list[specs.DeviceSpec]) -> dict[int, str]:
+    """`cuda=fp16,cpu=int8` into {device index: mode}."""
+    by_name = {d.name: k for k, d in enumerate(devices)}
+    out = {}
+    for item in (x.strip() for x in (text or "").split(",") if x.strip()):
+        device, sep, mode = item.partition("=")
+        if not sep or mode not in PRECISIONS:
+            raise UsageError(f"bad partition.precision item {item!r}: expected DEVICE=fp16 or DEVICE=int8")
+        if device not in by_name:
+            raise UsageError(f"partition.precision names {device!r}, which is not among the devices "
+                             f"({', '.join(by_name)})")
+        out[by_name[device]] = mode
+    return out
+
+
+def apply_precision(model, ctx, devices, device_of: dict[int, int], modes: dict[int, str], opsets) -> Counter:
+    """The quant pass's float16 conversion (mixed: measured, most sensitive nodes back to float32)
+    on the nodes of the fp16 devices, then its dynamic int8 on the int8 devices'. New nodes get a
+    device in device_of: int8's go with the device that asked for them; a float16 Cast goes to the
+    side of the boundary that makes the tensor crossing it the smaller, when that device runs it."""
+    from onnxopt.passes.quant import QuantPass
+
+    quant = QuantPass()
+    counts = Counter()
+    for mode in PRECISIONS:
+        targets = sorted(k for k, m in modes.items() if m == mode)
+        if not targets:
+            continue
+        graph = model.graph
+        before = {id(n) for n in graph.nodes}
+        only = frozenset(i for i, n in enumerate(graph.nodes) if device_of.get(id(n)) in targets)
+        counts += quant.mixed(model, ctx, only) if mode == "fp16" else quant.dynamic(model, ctx, only=only)
+        cleanup(graph).toposort(mode="nodes")
+        producer = {t.name: n for n in graph.nodes for t in n.outputs if t.name}
+        readers: dict[str, list] = {}
+        for n in graph.nodes:
+            for name in node_reads(n):
+                readers.setdefault(name, []).append(n)
+        host = next(k for k, d in enumerate(devices) if d.host)
+        outputs = {t.name for t in graph.outputs}
+        for node in (n for n in graph.nodes if id(n) not in before):
+            src = {device_of.get(id(producer[t.name]), host) if t.name in producer else host
+                   for t in node.inputs if t.name and not isinstance(t, gs.Constant)}
+            dst = {device_of[id(r)] for t in node.outputs for r in readers.get(t.name, []) if id(r) in device_of}
+            dst |= {host for t in node.outputs if t.name in outputs}  # graph outputs are read on the host
+            if mode == "int8":
+                near = (dst | src) & set(targets)
+                choice = min(near) if near else targets[0]
+            else:
+                shrinks = _itemsize(node.outputs[0]) < _itemsize(node.inputs[0]) if node.inputs else True
+                side = src if shrinks or len(dst) != 1 else dst
+                choice = min(side) if len(side) == 1 else host
+            if node_refusal(devices[choice], node, opsets) is not None:
+                choice = host
+            device_of[id(node)] = choice
+    return counts
+
+
+def _itemsize(t) -> int:
+    e = onnx_dtype(t)
+    return onnx.helper.tensor_dtype_to_np_dtype(e).itemsize if e else 4
 
 
 def _set_metadata(meta, entries: dict[str, str]) -> None:

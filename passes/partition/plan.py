@@ -83,7 +83,7 @@ class Problem:
         self.graph, self.devices, self.nodes = graph, devices, list(graph.nodes)
         self.host = next(i for i, d in enumerate(devices) if d.host)
         index = {id(n): i for i, n in enumerate(self.nodes)}
-        self.reads = [_reads(n) for n in self.nodes]
+        self.reads = [node_reads(n) for n in self.nodes]
         producers = {t.name: index[id(n)] for n in self.nodes for t in n.outputs if t.name}
         consumers: dict[str, list[int]] = {}
         for i, names in enumerate(self.reads):
@@ -103,7 +103,7 @@ class Problem:
         self.unplaced: list[int] = []
         pinned = _pins(self.nodes, devices, pins)
         for i, node in enumerate(self.nodes):
-            why = {d.name: r for d in devices if (r := _refusal(d, node, opsets)) is not None}
+            why = {d.name: r for d in devices if (r := node_refusal(d, node, opsets)) is not None}
             ok = [k for k, d in enumerate(devices) if d.name not in why]
             if i in pinned:
                 k = pinned[i]
@@ -138,7 +138,7 @@ class Problem:
         return compute, moved, nbytes
 
 
-def _reads(node: gs.Node) -> list[str]:
+def node_reads(node: gs.Node) -> list[str]:
     """Names of the non-constant tensors a node reads, its subgraphs' outer reads included."""
     names = [t.name for t in node.inputs if t.name and not is_constant(t)]
     for sub in subgraphs(node):
@@ -150,7 +150,7 @@ def _reads(node: gs.Node) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _refusal(device: DeviceSpec, node: gs.Node, opsets: dict[str, int]) -> str | None:
+def node_refusal(device: DeviceSpec, node: gs.Node, opsets: dict[str, int]) -> str | None:
     domain = "" if node.domain in (None, "ai.onnx") else node.domain
     key = node.op if domain == "" else f"{domain}.{node.op}"
     found = schema(node.op, opsets.get(domain), domain)
@@ -160,7 +160,7 @@ def _refusal(device: DeviceSpec, node: gs.Node, opsets: dict[str, int]) -> str |
         for sub in subgraphs(node):
             for g in all_graphs(sub):
                 for n in g.nodes:
-                    inner = _refusal(device, n, opsets)
+                    inner = node_refusal(device, n, opsets)
                     if inner is not None:
                         return f"its subgraph: {inner}"
     return reason
@@ -333,10 +333,15 @@ def assign_devices(p: Problem, rounds: int = 4) -> list[int]:
 
 
 def runs(p: Problem, assign: list[int]) -> list[list[int]]:
-    """Nodes in a topological order that stays on one device as long as it can; a run per stretch."""
+    return order_runs(p.nodes, p.reads, assign)
+
+
+def order_runs(nodes: list[gs.Node], reads: list[list[str]], assign: list[int]) -> list[list[int]]:
+    """Nodes in a topological order that stays on one device as long as it can; a run per stretch.
+    reads: per node, the tensors it reads (node_reads)."""
     n = len(assign)
-    index_of = {name: i for i, node in enumerate(p.nodes) for name in (t.name for t in node.outputs) if name}
-    deps = [{index_of[name] for name in reads if name in index_of} for reads in p.reads]
+    index_of = {name: i for i, node in enumerate(nodes) for name in (t.name for t in node.outputs) if name}
+    deps = [{index_of[name] for name in names if name in index_of} for names in reads]
     waiting = [len(d) for d in deps]
     users: list[list[int]] = [[] for _ in range(n)]
     for i, d in enumerate(deps):

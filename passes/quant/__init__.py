@@ -106,9 +106,12 @@ class QuantPass(Pass):
             "duplicate_constants_merged": merged,
         })
 
-    def dynamic(self, model, ctx, measure: Measure | None = None) -> Counter:
+    def dynamic(self, model, ctx, measure: Measure | None = None, only: frozenset[int] | None = None) -> Counter:
+        """only: positions in graph.nodes the mode may quantize (the partition pass's int8 devices)."""
         graph, version = model.graph, opset(model.graph)
         sites, skipped = int8.dynamic_sites(graph, ctx.target, version)
+        if only is not None:
+            sites = [s for s in sites if s.index in only]
         for label, reason in skipped.items() if measure is None else ():
             ctx.log(f"quant: {label}: {reason}")
         if not sites:
@@ -223,7 +226,7 @@ class QuantPass(Pass):
         ctx.log(f"quant: {what}: {len(fit.chosen)} of {len(sites)} {noun} quantized, "
                 f"worst output mean cosine {fit.score:.6f} on {len(ctx.evaluation)} sample(s), {fit.trials} trial(s)")
 
-    def mixed(self, model, ctx) -> Counter:
+    def mixed(self, model, ctx, only: frozenset[int] | None = None) -> Counter:
         """float16 wherever the budget holds: the fp16 conversion, measured; when an output misses
         the budget, nodes (runs of them on large graphs) go back to float32, the most sensitive first."""
         version = opset(model.graph)
@@ -234,7 +237,10 @@ class QuantPass(Pass):
             ctx.log("quant: nothing runs in float16 here")
             return Counter()
         nodes = model.graph.nodes
-        units = [MixedUnit(i, "fp16", nodes[i].name or f"{nodes[i].op}#{i}", 0) for i in converted]
+        units = [MixedUnit(i, "fp16", nodes[i].name or f"{nodes[i].op}#{i}", 0) for i in converted
+                 if only is None or i in only]
+        if not units:
+            return Counter()
 
         def rewrite(m, chosen):
             keep = frozenset(converted) - {u.index for u in chosen}

@@ -491,3 +491,58 @@ def test_three_devices_plan_no_worse_than_the_fallback_and_splits_correctly(tmp_
     manifest = json.loads((split / "manifest.json").read_text())
     assert {q["device"] for q in manifest["partitions"]} <= {"npu", "gpu", "cpu"}
     assert sum(q["nodes"] for q in manifest["partitions"]) == 8
+
+
+# -------------------------------------------------------------------------- per-partition precision
+
+
+def test_precision_fp16_on_the_accelerator_and_int8_on_the_cpu(tmp_path):
+    """float16 for the npu's nodes, dynamic int8 for the cpu's MatMul; each float16 Cast on the side
+    of its boundary that makes the crossing tensor float16."""
+    spec = spec_file(tmp_path, accel(["MatMul", "Relu", "Cast"], types=["float32", "float16"]))
+    split = tmp_path / "parts"
+    result = onnxopt.optimize(chain(), str(tmp_path / "o.onnx"), passes=["partition"], devices=[spec, "cpu"],
+                              pins=["n2_MatMul=cpu"], inputs=feeds(), split=str(split),
+                              options={"partition": {"precision": "npu=fp16,cpu=int8"}})
+    counts = result.passes[0].counts
+    # the plan: n0 on the npu; Softmax, the pinned n2 and (not worth a transfer alone) Relu on the cpu
+    assert counts["nodes_to_fp16"] == 1 and counts["matmul_int8"] == 1
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    placed = [(n.op_type, {e.key: e.value for e in n.metadata_props}["onnxopt.device"]) for n in out.graph.node]
+    assert placed == [
+        ("Cast", "cpu"),  # x to float16 before it leaves the host
+        ("MatMul", "npu"),
+        ("Cast", "cpu"),  # t0 back to float32 after it arrives
+        ("Softmax", "cpu"),
+        ("DynamicQuantizeLinear", "cpu"), ("MatMulInteger", "cpu"), ("Mul", "cpu"), ("Cast", "cpu"), ("Mul", "cpu"),
+        ("Relu", "cpu"),
+    ]
+    details = result.details["partition"]
+    assert details["precision"] == {"npu": "fp16", "cpu": "int8"}
+    assert [(q["device"], q["nodes"]) for q in details["partitions"]] == [("cpu", 1), ("npu", 1), ("cpu", 8)]
+    (metrics,) = result.verification["outputs"]
+    assert metrics["ok"] and 0.99 <= metrics["cosine"] < 1.0  # lossy, inside the default budget
+    assert set(details["split"]) == {"folder", "partitions", "cosine"} and details["split"]["cosine"] >= 0.99
+
+
+def test_precision_obeys_the_budget():
+    """The quant pass's measured fallback: under a budget int8 cannot meet, both MatMuls stay float."""
+    result = onnxopt.optimize(chain(), passes=["partition"], devices=["cpu"], inputs=feeds(), min_cosine=0.999999,
+                              options={"partition": {"precision": "cpu=int8"}})
+    assert result.passes[0].counts == {"kept_float_for_budget": 2, "nodes_annotated": 4}
+    assert "quant: kept in float for the budget (cosine >= 0.999999): n0_MatMul, n2_MatMul" in result.explain
+    assert result.verification["outputs"][0]["max_abs"] == 0.0
+    loose = onnxopt.optimize(chain(), passes=["partition"], devices=["cpu"], inputs=feeds(), min_cosine=0.99,
+                             options={"partition": {"precision": "cpu=int8"}})
+    assert loose.passes[0].counts["matmul_int8"] == 2
+
+
+@pytest.mark.parametrize("value, message", [
+    ("cpu=int4", "bad partition.precision item 'cpu=int4'"),
+    ("gpu=fp16", "partition.precision names 'gpu', which is not among the devices (cuda, cpu)"),
+    ("fp16", "bad partition.precision item 'fp16'"),
+])
+def test_bad_precision(value, message):
+    with pytest.raises(UsageError) as e:
+        onnxopt.optimize(chain(), passes=["partition"], options={"partition": {"precision": value}})
+    assert message in str(e.value)
