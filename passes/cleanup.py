@@ -280,10 +280,11 @@ def _fingerprint(data: np.ndarray) -> bytes:
 # ----------------------------------------------------------------------------------- CSE
 
 
-def eliminate_common_subexpressions(graph: gs.Graph, random_fns: set[tuple] = frozenset()) -> int:
+def eliminate_common_subexpressions(graph: gs.Graph, random_fns: set[tuple] = frozenset(),
+                                    only: set[int] | None = None) -> int:
     """Merge nodes with the same op, attributes and input tensors (in topological order, so merges
     cascade). Random nodes (see `_random`), nodes with subgraphs and nodes whose outputs are graph
-    outputs stay."""
+    outputs stay. only: ids of nodes; a pair is merged only when one of them is among these."""
     outs = output_tensors(graph)
     seen: dict[tuple, gs.Node] = {}
     merged = 0
@@ -295,7 +296,7 @@ def eliminate_common_subexpressions(graph: gs.Graph, random_fns: set[tuple] = fr
         if key is None:
             continue
         first = seen.setdefault(key, node)
-        if first is node:
+        if first is node or (only is not None and id(node) not in only and id(first) not in only):
             continue
         for mine, theirs in zip(node.outputs, first.outputs):
             replace_uses(mine, theirs)

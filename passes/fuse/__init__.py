@@ -20,7 +20,7 @@ from onnxopt.errors import UsageError
 from onnxopt.graph import (Names, all_graphs, cleanup, is_constant, materialize_constant_nodes, output_tensors,
                            raise_opset, values)
 from onnxopt.pattern import internal_uses_refusal, match_node, weight_input_refusal
-from onnxopt.passes.cleanup import merge_duplicate_constants
+from onnxopt.passes.cleanup import eliminate_common_subexpressions, merge_duplicate_constants
 from onnxopt.pipeline import Pass
 
 from .activations import RULES as ACTIVATION_RULES
@@ -107,10 +107,18 @@ class FusePass(Pass):
             wanted = self._sweep(model.graph, rules, ctx, Counter(), {}, {}, dry=True)
             self._raise(model, wanted, ctx, counts)
         probed: dict = {}
+        before = {id(n) for g in all_graphs(model.graph) for n in g.nodes}
         wanted = self._sweep(model.graph, rules, ctx, counts, misses, probed)
         if self._raise(model, wanted, ctx, counts):  # a pattern another rewrite revealed
             misses.clear()
             self._sweep(model.graph, rules, ctx, counts, misses, probed)
+        # two spellings of one computation fuse into identical nodes: keep one (else cleanup's CSE
+        # would only find them in a second run)
+        new = {id(n) for g in all_graphs(model.graph) for n in g.nodes} - before
+        if new:
+            cleanup(model.graph).toposort(mode="nodes")
+            counts["fused_duplicates_merged"] = sum(eliminate_common_subexpressions(g, only=new)
+                                                    for g in all_graphs(model.graph))
         if ctx.explain:
             for (rule, where), reason in misses.items():
                 ctx.log(f"fuse: {rule} at {where}: not fused: {reason}")

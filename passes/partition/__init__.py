@@ -5,7 +5,9 @@ onnxruntime's `session.layer_assignment_settings` matches), `onnxopt.device` and
 `onnxopt.partition`. The settings string that maps the annotations to devices is in the report
 (`details.partition.session_config`), ready to pass to onnxruntime; `--split DIR` writes one model
 per partition that `onnxopt.PartitionedSession` runs. The pass only annotates: it never changes
-an output (tolerance `exact`), and a second run finds every annotation already in place.
+an output (tolerance `exact`), and a second run finds every annotation already in place. With
+`partition.precision` it also converts the nodes of chosen devices to float16 or int8 through the
+quant pass (tolerance `lossy`).
 
 Subgraph (If/Loop/Scan) bodies go with the node that owns them and are not annotated themselves.
 See plan.py for the partitioner and cost.py for the cost model.
@@ -117,6 +119,8 @@ class PartitionPass(Pass):
                                       "ops": dict(Counter(nodes[i].op for i in run).most_common())}
                                      for k, run in enumerate(seq)]
             summary["nodes_per_device"] = dict(Counter(devices[a].name for a in assign))
+            summary["session_config"] = {
+                "session.layer_assignment_settings": settings_string(devices, set(summary["nodes_per_device"]))}
         settings = summary["session_config"]["session.layer_assignment_settings"]
         fallback = summary["ort_fallback"]
         ctx.details["partition"] = summary

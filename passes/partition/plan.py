@@ -97,6 +97,10 @@ class Problem:
             if name in producers or name in graph_inputs:
                 info = infos.get(name)
                 self.tensors.append(Tensor(name, producers.get(name, HOST), readers, info.nbytes if info else 0))
+        self.node_tensors: list[list[int]] = [[] for _ in self.nodes]  # tensors each node writes or reads
+        for t, tensor in enumerate(self.tensors):
+            for i in {tensor.producer, *tensor.consumers} - {HOST}:
+                self.node_tensors[i].append(t)
         self.seconds = [[c.seconds(d) for d in devices] for c in costs]
         self.refusals: dict[int, dict[str, str]] = {}
         self.allowed: list[list[int]] = []
@@ -125,6 +129,28 @@ class Problem:
 
     def label(self, assign: list[int], i: int) -> int:
         return self.host if i == HOST else assign[i]
+
+    def ends(self, t: int) -> list[int]:
+        """The producer and the readers of tensor t (HOST for a graph input or output)."""
+        tensor = self.tensors[t]
+        return [tensor.producer] + tensor.consumers
+
+    def tensor_seconds(self, t: int, assign: list[int], moved: dict[int, int] | None = None) -> float:
+        """The transfers of tensor t: once to each device other than its producer's that reads it;
+        `moved` overrides some nodes' devices."""
+        tensor = self.tensors[t]
+
+        def at(i):
+            return moved[i] if moved and i in moved else self.label(assign, i)
+
+        src = at(tensor.producer)
+        return sum(self.transfer(src, dst, tensor.nbytes) for dst in {at(c) for c in tensor.consumers} - {src})
+
+    def switch_seconds(self, a: int, b: int) -> float:
+        """The synchronisation between consecutive partitions on devices a and b."""
+        if a == b:
+            return 0.0
+        return max(self.devices[k].link.latency for k in (a, b) if not self.devices[k].host)
 
     def total(self, assign: list[int]) -> tuple[float, float, int]:
         """(compute seconds, transfer seconds, bytes transferred) of an assignment."""
@@ -370,43 +396,31 @@ def plan_cost(p: Problem, assign: list[int]) -> tuple[float, list[list[int]]]:
     """The estimated seconds of an assignment with its runs: node times, transfers, and one
     synchronisation per switch between runs on different devices (the larger link latency)."""
     seq = runs(p, assign)
-    switches = 0.0
-    for a, b in zip(seq, seq[1:]):
-        da, db = p.devices[assign[a[0]]], p.devices[assign[b[0]]]
-        if da is not db:
-            switches += max(d.link.latency for d in (da, db) if not d.host)
+    switches = sum(p.switch_seconds(assign[a[0]], assign[b[0]]) for a, b in zip(seq, seq[1:]))
     return sum(p.total(assign)[:2]) + switches, seq
 
 
 MERGE_SLACK = 0.05  # island merges may raise the estimated time by this fraction in all
 
 
-def merge_islands(p: Problem, assign: list[int], min_size: int) -> tuple[list[int], list[list[int]], list[int]]:
-    """Move whole runs to a neighbouring run's device: any run when the move lowers plan_cost; a
-    run under `min_size` nodes also when it raises it, as long as such moves together cost at
+def merge_islands(p: Problem, assign: list[int], min_size: int) -> tuple[list[int], list[list[int]], dict]:
+    """Move whole runs to a neighbouring run's device: any run when the move lowers the estimate;
+    a run under `min_size` nodes also when it raises it, as long as such moves together cost at
     most MERGE_SLACK of the estimate (a small island in the middle of heavy work on the other
-    device stays: moving it would move that work). Cheapest move first. Returns the assignment,
-    its runs, and the runs left under min_size with the reason."""
+    device stays: moving it would move that work). Cheapest move first.
+
+    A move's change is computed locally (its nodes' times, the transfers of the tensors it
+    touches, the switches with its two neighbours) and the runs are kept as a linked list that a
+    move merges into its neighbours, so cascades (each move making the next one pay) cost
+    O(moves log runs), not a rescan each; the true runs are recomputed after each sweep.
+    Returns the assignment, its runs, and the runs left under min_size with the reason."""
     assign = list(assign)
     cost, seq = plan_cost(p, assign)
-    slack = MERGE_SLACK * cost
-    for _ in range(4 * len(seq) + 8):  # bounded, though every move lowers the cost or spends slack
-        best = None
-        for k, run in enumerate(seq):
-            small = len(run) < min_size
-            for d in {assign[seq[j][0]] for j in (k - 1, k + 1) if 0 <= j < len(seq)} - {assign[run[0]]}:
-                if not all(d in p.allowed[i] for i in run):
-                    continue
-                trial = list(assign)
-                for i in run:
-                    trial[i] = d
-                c, s = plan_cost(p, trial)
-                if (c < cost - 1e-12 or (small and c - cost <= slack)) and (best is None or c < best[1]):
-                    best = (trial, c, s)
-        if best is None:
+    budget = [MERGE_SLACK * cost]
+    for _ in range(8):  # sweeps; a sweep that moves nothing ends it
+        if not _merge_sweep(p, assign, seq, min_size, budget):
             break
-        slack -= max(0.0, best[1] - cost)
-        assign, cost, seq = best
+        cost, seq = plan_cost(p, assign)
     stuck = {}
     for k, run in enumerate(seq):
         if len(run) < min_size and len(seq) > 1:
@@ -414,6 +428,80 @@ def merge_islands(p: Problem, assign: list[int], min_size: int) -> tuple[list[in
             movable = any(all(d in p.allowed[i] for i in run) for d in near)
             stuck[k] = "moving it would cost too much" if movable else "no neighbouring device runs all of its nodes"
     return assign, seq, stuck
+
+
+@dataclass
+class _Run:
+    nodes: list[int]
+    device: int
+    prev: "_Run | None" = None
+    next: "_Run | None" = None
+    version: int = 0
+
+
+def _merge_sweep(p: Problem, assign: list[int], seq: list[list[int]], min_size: int, budget: list[float]) -> int:
+    """One sweep of merge_islands over the runs `seq`; `budget` holds the slack left. Returns the
+    number of moves made."""
+    chain = [_Run(list(run), assign[run[0]]) for run in seq]
+    for a, b in zip(chain, chain[1:]):
+        a.next, b.prev = b, a
+    heap: list = []
+    tie = 0
+
+    def consider(run: _Run) -> None:
+        nonlocal tie
+        for d in {r.device for r in (run.prev, run.next) if r is not None} - {run.device}:
+            if all(d in p.allowed[i] for i in run.nodes):
+                delta = _move_delta(p, assign, run, d)
+                if delta < -1e-15 or len(run.nodes) < min_size:
+                    tie += 1
+                    heapq.heappush(heap, (delta, tie, run, d, _versions(run)))
+
+    for run in chain:
+        consider(run)
+    moves = 0
+    while heap:
+        delta, _, run, d, versions = heapq.heappop(heap)
+        if versions != _versions(run) or not (delta < -1e-15 or delta <= budget[0]):
+            continue
+        for i in run.nodes:
+            assign[i] = d
+        budget[0] -= max(0.0, delta)
+        moves += 1
+        run.device, run.version = d, run.version + 1
+        for other in (run.prev, run.next):  # merge with the neighbours now on the same device
+            if other is not None and other.device == d:
+                first, second = (other, run) if other is run.prev else (run, other)
+                first.nodes += second.nodes
+                first.next = second.next
+                if second.next is not None:
+                    second.next.prev = first
+                second.version += 1  # stale: its heap entries are dropped
+                run = first
+        run.version += 1
+        for r in (run, run.prev, run.next):
+            if r is not None:
+                r.version += 1
+                consider(r)
+    return moves
+
+
+def _versions(run: _Run) -> tuple:
+    """What a move of `run` was computed against: it and its neighbours, unchanged."""
+    return tuple((id(r), r.version) if r is not None else None for r in (run.prev, run, run.next))
+
+
+def _move_delta(p: Problem, assign: list[int], run: _Run, d: int) -> float:
+    """The change in the estimate when the run moves to device d, computed from what it touches."""
+    cur = run.device
+    delta = sum(p.seconds[i][d] - p.seconds[i][cur] for i in run.nodes)
+    moved = dict.fromkeys(run.nodes, d)
+    for t in {t for i in run.nodes for t in p.node_tensors[i]}:
+        delta += p.tensor_seconds(t, assign, moved) - p.tensor_seconds(t, assign)
+    for other in (run.prev, run.next):
+        if other is not None:
+            delta += p.switch_seconds(other.device, d) - p.switch_seconds(other.device, cur)
+    return delta
 
 
 def make_plan(p: Problem, min_size: int) -> Plan:

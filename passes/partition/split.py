@@ -53,6 +53,7 @@ def write_split(model_path: str, out_dir: str, source: str | None = None) -> dic
     absent. Returns the manifest."""
     check_split_dir(out_dir)
     from onnxopt import io
+    from onnxopt.verify import write_for_runtime
 
     proto, _ = io.load_model_sized(model_path, keep_external=True)
     m = import_model(proto, base_dir=os.path.dirname(os.path.abspath(model_path)))
@@ -72,6 +73,10 @@ def write_split(model_path: str, out_dir: str, source: str | None = None) -> dic
             for name in node_reads(n):
                 readers.setdefault(name, set()).add(k)
     graph_outputs = [t.name for t in m.graph.outputs]
+    graph_inputs = {t.name for t in m.graph.inputs}
+    for name in graph_outputs:
+        if name not in produced_in and name not in graph_inputs:
+            raise ModelError(f"graph output {name!r} is a constant no node produces: the split cannot return it")
     tensors = m.graph.tensors()
     _fill_types(model_path, [tensors[name] for name in produced_in if tensors[name].dtype is None])
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -93,8 +98,6 @@ def write_split(model_path: str, out_dir: str, source: str | None = None) -> dic
                            import_domains=m.graph.import_domains)
             file = f"p{k}_{device}.onnx"
             part_model = Model(sub, m.meta, m.value_info_names)
-            from onnxopt.verify import write_for_runtime
-
             write_for_runtime(export_model(part_model), tmp, file, consume=True)
             info = devices.get(device, {})
             parts.append({"index": k, "device": device, "provider": info.get("provider", CPU), "file": file,

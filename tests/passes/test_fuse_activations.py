@@ -500,3 +500,38 @@ def test_a_fusion_onnxruntime_has_no_kernel_for_is_refused(opset):
     else:
         assert ops(out) == ops(m) and result.passes[0].counts == {}
         assert any("onnxruntime cannot run the fused node" in line for line in result.explain), result.explain
+
+
+# two spellings of one computation ---------------------------------------------------------------
+
+
+def test_two_gelu_spellings_of_one_input_fuse_into_one_node():
+    """Found by fuzzing: two erf GELUs of x written differently fused into two identical Gelu
+    nodes, which only a second run's cleanup merged. fuse now keeps one."""
+    m = model(20, """
+        d = Div(x, sqrt2)
+        e = Erf(d)
+        e1 = Add(e, one)
+        h = Mul(e1, half)
+        g1 = Mul(x, h)
+        s = Mul(x, rsqrt2)
+        f = Erf(s)
+        f1 = Add(f, one)
+        xh = Mul(x, half)
+        g2 = Mul(xh, f1)
+        y1 = Relu(g1)
+        y2 = Neg(g2)
+        y = Add(y1, y2)""", "float sqrt2 = {1.4142135}, float rsqrt2 = {0.70710677}, float one = {1.0}, "
+                              "float half = {0.5}")
+    out, result = fuse(m)
+    assert result.passes[0].counts == {"gelu": 2, "fused_duplicates_merged": 1}
+    assert ops(out) == ["Gelu", "Relu", "Neg", "Add"]
+    assert_idempotent(m, "onnx")
+
+
+def test_fuse_does_not_merge_duplicates_it_did_not_make():
+    m = model(17, """
+        a = Relu(x)
+        b = Relu(x)
+        y = Add(a, b)""")
+    assert_unchanged(m)
