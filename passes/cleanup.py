@@ -71,7 +71,9 @@ def remove_noops(graph: gs.Graph) -> Counter:
         if bypass(graph, node, found[1], outs, local):
             counts[found[0]] += 1
             if id(out) in outs:  # the producer now writes a graph output, whose declared shape
-                queue.extend(out.outputs)  # may prove consumers visited earlier no-ops too
+                # may prove consumers visited earlier no-ops too (this graph's: a subgraph's
+                # reader of it is judged with that subgraph's outputs, in its own turn)
+                queue.extend(n for n in out.outputs if id(n) in local)
     return counts
 
 

@@ -1084,3 +1084,23 @@ def test_options_as_dict():
 def test_bad_options(item, message):
     with pytest.raises(onnxopt.UsageError, match=message):
         onnxopt.optimize(model(EVERYTHING), passes=["cleanup"], verify="none", options=[item])
+
+
+def test_a_noop_writing_a_graph_output_leaves_subgraph_readers_alone():
+    """Found by the long fuzz run: a no-op Reshape writing a graph output renames its producer's
+    output; the walk then revisited that tensor's readers, among them an Identity inside an If
+    branch, judged it with the outer graph's outputs and removed it, leaving the branch output
+    without a producer (an invalid model). A subgraph's nodes are judged in the subgraph's turn."""
+    m = model("""
+        g (float[1] x, bool c) => (float[1] r, float[1] y) <int64[1] k = {1}> {
+            a = Relu(x)
+            y = If(c) <then_branch = then_g () => (float[1] t) { t = Neg(a) },
+                       else_branch = else_g () => (float[1] e) { e = Identity(a) }>
+            r = Reshape(a, k)
+        }""")
+    feeds = {"x": np.array([-0.5], np.float32), "c": np.array(False)}
+    out, result = optimize_checked(m, ["cleanup"], feeds=feeds)
+    assert result.passes[0].counts == {"noop_reshape_removed": 1}
+    assert ops(out) == ["Relu", "If"]
+    else_branch = next(a.g for a in out.graph.node[1].attribute if a.name == "else_branch")
+    assert [n.op_type for n in else_branch.node] == ["Identity"]
