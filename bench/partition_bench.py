@@ -68,7 +68,7 @@ def split_difference(model: Path, split: Path, feeds: dict) -> float:
                for k in want)
 
 
-def island_chain(blocks: int, path: Path, width: int = 256) -> int:
+def island_chain(blocks: int, path: Path, width: int = 256, rows: int = 4096) -> int:
     """Blocks of MatMul, Relu, Softmax and a residual Add: with the Softmax only on the cpu, the
     node-by-node fallback makes two partitions per block."""
     rng = np.random.default_rng(0)
@@ -82,14 +82,15 @@ def island_chain(blocks: int, path: Path, width: int = 256) -> int:
                   onnx.helper.make_node("Add", [f"s{b}", prev], [f"a{b}"])]
         prev = f"a{b}"
     vi = onnx.helper.make_tensor_value_info
-    graph = onnx.helper.make_graph(nodes, "chain", [vi("x", onnx.TensorProto.FLOAT, [128, width])],
-                                   [vi(prev, onnx.TensorProto.FLOAT, [128, width])], inits)
+    graph = onnx.helper.make_graph(nodes, "chain", [vi("x", onnx.TensorProto.FLOAT, [rows, width])],
+                                   [vi(prev, onnx.TensorProto.FLOAT, [rows, width])], inits)
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
     return len(nodes)
 
 
 def scaling(work: Path) -> list[dict]:
     """The partition pass's time on chains of 1k to 16k nodes (verification off)."""
+    work.mkdir(parents=True, exist_ok=True)
     rows = []
     for blocks in (250, 1000, 4000):
         path = work / f"chain{blocks}.onnx"
@@ -164,16 +165,17 @@ def main():
             lines.append(
                 f"| {r['model']} | {r['nodes']} | {lacking} | {r['partitions']} / {r['fallback']['partitions']} | "
                 f"{r['boundary_bytes']:,} / {r['fallback']['boundary_bytes']:,} | {est['plan']:.3f} / "
-                f"{est['onnxruntime_fallback']:.3f} / {est['all_on_cpu']:.3f} | "
+                f"{est['onnxruntime_fallback']:.3f} / {est.get('all_on_cpu', float('nan')):.3f} | "
                 f"{'yes' if r['split_identical'] else 'NO'} | {r['split_max_diff_default_options']:.2g} | "
                 f"{r['ort']['on_cpu_provider']}/{r['ort']['nodes']} on CPU"
                 f"{'' if r['ort']['planned_cpu_on_cpu'] else ' (planned cpu node elsewhere!)'} | "
                 f"{r['partition_seconds']} |")
         lines.append("")
     lines += ["## Scaling", "",
-              "The pass alone (verification off) on chains of MatMul, Relu, Softmax and a residual Add, with the "
-              "`gpu_lacking` spec (the Softmax only on the cpu). At this width the cost model keeps everything on "
-              "the cpu; the fallback's partitions show the islands the plan had to weigh.", "",
+              "The pass alone (verification off) on chains of MatMul, Relu, Softmax and a residual Add "
+              "(x: 4096 x 256), with the `gpu_lacking` spec: the MatMuls pay for the GPU, the Softmax runs only "
+              "on the cpu, so every block needs about two partitions. Flat microseconds per node mean linear "
+              "scaling.", "",
               "| nodes | pass s | us per node | partitions (onnxopt / fallback) |", "|---|---|---|---|"]
     lines += [f"| {r['nodes']} | {r['seconds']} | {r['us_per_node']} | {r['partitions']} / {r['fallback_partitions']} |"
               for r in grow]

@@ -224,8 +224,12 @@ def report(problem: Problem, plan, costs) -> dict:
         per_device[part.device] += len(part.nodes)
     used = set(per_device)
     settings = settings_string(plan.devices, used)
-    host_only = [problem.host] * len(nodes)
     fallback = [min(ok) for ok in problem.allowed]  # onnxruntime's node-by-node fallback
+    estimates = {"plan": _ms(plan_cost(problem, plan.assignment)[0]),
+                 "onnxruntime_fallback": _ms(plan_cost(problem, fallback)[0])}
+    for k, d in enumerate(plan.devices):  # everything on one device, where that device runs every node
+        if all(k in ok for ok in problem.allowed):
+            estimates[f"all_on_{d.name}"] = _ms(plan_cost(problem, [k] * len(nodes))[0])
     unsupported: dict[str, Counter] = {}
     for i, why in plan.refusals.items():
         for device in why:
@@ -242,9 +246,7 @@ def report(problem: Problem, plan, costs) -> dict:
         "nodes_per_device": dict(per_device),
         "boundary_tensors": sum(len(p.inputs) for p in plan.partitions),
         "boundary_bytes": plan.transfer_bytes,
-        "estimated_ms": {"plan": _ms(plan_cost(problem, plan.assignment)[0]),
-                         "all_on_cpu": _ms(plan_cost(problem, host_only)[0]),
-                         "onnxruntime_fallback": _ms(plan_cost(problem, fallback)[0])},
+        "estimated_ms": estimates,
         "ort_fallback": {"partitions": len(runs(problem, fallback)), "boundary_bytes": problem.total(fallback)[2]},
         "unsupported": {d: dict(c.most_common()) for d, c in unsupported.items()},
         "small_partitions_kept": {str(k): why for k, why in plan.stuck.items()},

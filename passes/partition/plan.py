@@ -529,7 +529,8 @@ def make_plan(p: Problem, min_size: int) -> Plan:
             src_device = p.host if src is None else assign[seq[src][0]]
             if src_device != assign[part.nodes[0]]:
                 part.transfer_in_bytes += by_tensor[name].nbytes
-        part.outputs = [t.name for t in p.tensors if t.producer in mine and
-                        any(c == HOST or c not in mine for c in t.consumers)]
+        part.outputs = [p.tensors[t].name for t in dict.fromkeys(t for i in part.nodes for t in p.node_tensors[i])
+                        if p.tensors[t].producer in mine and
+                        any(c == HOST or c not in mine for c in p.tensors[t].consumers)]
     compute, moved, nbytes = p.total(assign)
     return Plan(p.devices, assign, parts, compute, moved, nbytes, p.refusals, stuck, p.unplaced)
