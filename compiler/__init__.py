@@ -69,11 +69,14 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
              input_shapes: dict | list | None = None, options: dict | list | None = None, target: str = "onnx",
              max_opset: int | None = None, external_data: bool | None = None, calibration_data=None,
              quant: str | None = None, min_cosine: float | None = None, write_over_budget: bool = False,
+             prune: str | None = None, sparsity: float | None = None,
              devices=None, pins=None, split: str | os.PathLike | None = None,
              explain: bool = False, progress: Callable[[str], None] | None = None) -> Result:
     """Run the selected passes on a model file or ModelProto, verify, and write `output` atomically.
 
     quant: the quant pass's mode: fp16, mixed, dynamic, static, int8 or int4.
+    prune: the prune pass's method: unstructured or 2:4. sparsity: unstructured's fraction of
+    each layer's weights (None: the largest the budget allows).
     calibration_data: an .npz (one array per input, first axis = samples), a folder of .npz files
     (one sample each), or an iterable of feed dicts.
     min_cosine: the error budget of lossy passes: every output's cosine against the original
@@ -105,6 +108,17 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         raise UsageError(f"--quant {quant} needs the quant pass in --passes")
     if "quant" in ordered and quant is None:
         raise UsageError("the quant pass needs --quant MODE (fp16)")
+    if prune is not None and "prune" not in ordered:
+        raise UsageError(f"--prune {prune} needs the prune pass in --passes")
+    if "prune" in ordered and prune is None:
+        raise UsageError("the prune pass needs --prune METHOD (unstructured or 2:4)")
+    if sparsity is not None and prune is None:
+        raise UsageError("--sparsity needs --prune")
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        raise UsageError(f"bad --sparsity {sparsity}: expected a number in (0, 1)")
+    if sparsity is not None and prune == "2:4":
+        raise UsageError("--sparsity does not apply to --prune 2:4 (half of every pruned layer); "
+                         "the budget chooses the layers")
     for flag, value in (("--devices", devices), ("--pin", pins), ("--split", split)):
         if value and "partition" not in ordered:
             raise UsageError(f"{flag} needs the partition pass in --passes")
@@ -144,7 +158,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     calibration, evaluation = verification.split_samples(samples) if samples else (None, None)
     if given is not None or not evaluation:
         evaluation = None
-        needed = verify != "none" or "quant" in ordered  # the lossy passes measure their error on these
+        needed = verify != "none" or "quant" in ordered or "prune" in ordered  # lossy passes measure on these
         if needed or "partition" in ordered:  # partition's cost model takes the sample's shapes
             try:
                 evaluation = [verification.make_inputs(m.graph, shapes, given)]
@@ -155,7 +169,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         evaluation = evaluation[:MAX_EVALUATION_SAMPLES]
     budget = min_cosine if min_cosine is not None else LOSSY_BUDGETS.get(quant, 0.99)
     check = _Checker(verify, evaluation, in_path, proto, say, budget, write_over_budget)
-    ctx = Context(target=target, max_opset=max_opset, quant=quant, min_cosine=budget, calibration_data=calibration,
+    ctx = Context(target=target, max_opset=max_opset, quant=quant, prune=prune, sparsity=sparsity,
+                  min_cosine=budget, calibration_data=calibration,
                   inputs=given, evaluation=evaluation, explain=explain, log=notes.append,
                   devices=devices, pins=list(pins or []))
     each = functools.partial(check.after_pass, m=m) if verify == "each" else None

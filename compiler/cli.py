@@ -65,6 +65,10 @@ class Progress:
                    "(float16 where the budget holds, measured), dynamic (int8 weights, activations quantized at "
                    "run time), static (int8 QDQ calibrated on --calibration-data), int8 (static for convolutions "
                    "with calibration data, dynamic for the rest) or int4 (4-bit block-wise weights, --target ort).")
+@click.option("--prune", "prune", metavar="METHOD",
+              help="The prune pass's method (put prune in --passes): unstructured or 2:4.")
+@click.option("--sparsity", type=float, metavar="S",
+              help="unstructured: the fraction of each layer's weights to zero; default: the most --min-cosine allows.")
 @click.option("--calibration-data", "calibration_path", metavar="PATH",
               help="Calibration samples: an .npz with one array per input (first axis = samples), or a folder "
                    "of .npz files with one sample each. The last quarter is held back: the error budget and "
@@ -93,8 +97,8 @@ class Progress:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.version_option(package_name="onnxopt")
 def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_shapes, target, max_opset,
-        quant, calibration_path, min_cosine, write_over_budget, external_data, devices, pins, split_dir, report_path,
-        explain, list_passes, verbose, quiet):
+        quant, prune, sparsity, calibration_path, min_cosine, write_over_budget, external_data, devices, pins,
+        split_dir, report_path, explain, list_passes, verbose, quiet):
     """Optimize the ONNX model INPUT and write it to OUTPUT, verified against onnxruntime.
 
     Example: onnxopt model.onnx -o model.opt.onnx --passes fold,cleanup
@@ -114,7 +118,8 @@ def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_s
     try:
         result = optimize(input_path, output_path, passes=passes, verify=verify_mode, inputs=inputs_path,
                           input_shapes=list(input_shapes), options=list(opts), target=target, max_opset=max_opset,
-                          quant=quant, calibration_data=calibration_path, min_cosine=min_cosine,
+                          quant=quant, prune=prune, sparsity=sparsity, calibration_data=calibration_path,
+                          min_cosine=min_cosine,
                           write_over_budget=write_over_budget, external_data=True if external_data else None,
                           devices=devices, pins=list(pins), split=split_dir,
                           explain=explain or verbose, progress=progress)

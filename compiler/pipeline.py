@@ -47,6 +47,8 @@ class Context:
     target: str = "onnx"
     max_opset: int | None = None  # a pass may raise the default-domain opset up to this (None: never)
     quant: str | None = None  # the quant pass's mode (--quant)
+    prune: str | None = None  # the prune pass's method (--prune)
+    sparsity: float | None = None  # the prune pass's target (--sparsity; None: as much as the budget allows)
     min_cosine: float | None = None  # the error budget of lossy passes (--min-cosine)
     calibration_data: list[dict] | None = None  # samples to calibrate on (the held-out ones excluded)
     inputs: dict | None = None

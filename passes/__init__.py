@@ -5,6 +5,7 @@ from .cleanup import CleanupPass
 from .fold import FoldPass
 from .fuse import FusePass
 from .partition import PartitionPass
+from .prune import PrunePass
 from .quant import QuantPass
 
-PASSES = [FoldPass, CleanupPass, FusePass, QuantPass, PartitionPass]
+PASSES = [FoldPass, CleanupPass, FusePass, PrunePass, QuantPass, PartitionPass]

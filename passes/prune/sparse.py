@@ -1,0 +1,91 @@
+"""Sparse weights with reconstruction: SparseGPT's one-shot pruning of a linear layer.
+
+For a weight W [K, N] (y = x @ W) and H = X^T X of the layer's calibration inputs, the weights
+are visited along the reduction axis in blocks of BLOCK rows. In each block the ones to drop
+are those with the least OBS saliency w^2 / [H^-1]_kk^2 (the output error their removal causes,
+given the inputs), either the same fraction of every output's weights in the block
+(unstructured) or n of every m consecutive ones along the reduction axis (2:4). Each dropped
+weight's error is then compensated in the weights of the same output not visited yet, through
+the Cholesky factor of H^-1: a least-squares refit of the layer's outputs on its calibration
+inputs, done as the weights are removed. Without H (no calibration data) the smallest weights
+by magnitude go and nothing is refitted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 128  # rows along the reduction axis pruned and compensated together
+DAMP = 0.01  # fraction of H's mean diagonal added to it
+
+
+def prune(w: np.ndarray, h: np.ndarray | None, sparsity: float = 0.0,
+          n_m: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(pruned W [K, N] float32, mask [K, N] True where a weight was removed)."""
+    if h is None:
+        return magnitude(w, sparsity, n_m)
+    wt = w.T.astype(np.float64)  # [N, K]: a row per output
+    n, k = wt.shape
+    hh = np.array(h, np.float64)
+    dead = np.diag(hh) == 0  # inputs that never varied: their weights do nothing
+    hh[dead, dead] = 1.0
+    wt[:, dead] = 0.0
+    hh += DAMP * np.mean(np.diag(hh)) * np.eye(k)
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(hh)).T  # upper factor of H^-1
+    except np.linalg.LinAlgError:
+        return magnitude(w, sparsity, n_m)
+    mask = np.zeros((n, k), bool)
+    for i1 in range(0, k, BLOCK):
+        i2 = min(i1 + BLOCK, k)
+        w1, u1 = wt[:, i1:i2].copy(), u[i1:i2, i1:i2]
+        err1 = np.zeros_like(w1)
+        m1 = np.zeros(w1.shape, bool)
+        if n_m is None:
+            drop = int(round((i2 - i1) * sparsity))
+            if drop:
+                saliency = w1 ** 2 / np.diag(u1)[None, :] ** 2
+                np.put_along_axis(m1, np.argsort(saliency, axis=1, kind="stable")[:, :drop], True, axis=1)
+        for i in range(i2 - i1):
+            if n_m is not None and i % n_m[1] == 0:
+                j = min(i + n_m[1], i2 - i1)
+                saliency = w1[:, i:j] ** 2 / np.diag(u1)[None, i:j] ** 2
+                drop = n_m[0] * (j - i) // n_m[1]
+                np.put_along_axis(m1[:, i:j], np.argsort(saliency, axis=1, kind="stable")[:, :drop], True, axis=1)
+            q = np.where(m1[:, i], 0.0, w1[:, i])
+            err = (w1[:, i] - q) / u1[i, i]
+            w1[:, i:] -= np.outer(err, u1[i, i:])
+            w1[:, i] = q
+            err1[:, i] = err
+        wt[:, i1:i2] = np.where(m1, 0.0, w1)
+        wt[:, i2:] -= err1 @ u[i1:i2, i2:]
+        mask[:, i1:i2] = m1
+    return wt.T.astype(np.float32), mask.T
+
+
+def magnitude(w: np.ndarray, sparsity: float = 0.0,
+              n_m: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest weights of each output (unstructured: a fraction; n_m: n of every m along K)."""
+    k, n = w.shape
+    mask = np.zeros((k, n), bool)
+    if n_m is None:
+        drop = int(round(k * sparsity))
+        if drop:
+            np.put_along_axis(mask, np.argsort(np.abs(w), axis=0, kind="stable")[:drop], True, axis=0)
+    else:
+        for i in range(0, k, n_m[1]):
+            j = min(i + n_m[1], k)
+            drop = n_m[0] * (j - i) // n_m[1]
+            np.put_along_axis(mask[i:j], np.argsort(np.abs(w[i:j]), axis=0, kind="stable")[:drop], True, axis=0)
+    return np.where(mask, np.float32(0), w).astype(np.float32), mask
+
+
+def holds_n_m(w: np.ndarray, n: int = 2, m: int = 4) -> bool:
+    """Whether W [K, N] has at least n zeros in every m consecutive weights along K (a last
+    group shorter than m needs n * len // m)."""
+    k = w.shape[0]
+    for i in range(0, k, m):
+        j = min(i + m, k)
+        if np.any(np.sum(w[i:j] == 0, axis=0) < n * (j - i) // m):
+            return False
+    return True

@@ -1,0 +1,173 @@
+"""prune: SparseGPT pruning (unstructured and 2:4) with exact zero counts, the 2:4 pattern on every
+pruned weight, reconstruction against none, the budget, and the usage errors."""
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+
+import onnxopt
+from models.builders import run
+from onnxopt.errors import UsageError
+from onnxopt.passes.prune import sparse
+
+F = onnx.TensorProto.FLOAT
+
+
+def weight(name, shape, seed):
+    return oh.make_tensor(name, F, shape, np.random.default_rng(seed).standard_normal(shape).astype(np.float32).ravel())
+
+
+def mlp(gemm=False) -> onnx.ModelProto:
+    """x [N, 64] -> MatMul 64x128 -> Relu -> MatMul 128x32 (or Gemm with transB) -> y."""
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), oh.make_node("Relu", ["h"], ["r"], name="relu")]
+    if gemm:
+        nodes.append(oh.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1, name="fc2"))
+        inits = [weight("w1", [64, 128], 0), weight("w2", [32, 128], 1), weight("b2", [32], 2)]
+    else:
+        nodes.append(oh.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"))
+        inits = [weight("w1", [64, 128], 0), weight("w2", [128, 32], 1)]
+    graph = oh.make_graph(nodes, "mlp", [oh.make_tensor_value_info("x", F, ["N", 64])],
+                          [oh.make_tensor_value_info("y", F, ["N", 32])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def samples(count=16, seed=3):
+    """Correlated inputs: what real activations look like, and what a refit can use."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((64, 64)).astype(np.float32) * 0.3 + np.eye(64, dtype=np.float32)
+    return [{"x": (rng.standard_normal((32, 64)).astype(np.float32) @ mix)} for _ in range(count)]
+
+
+def weights(model) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# ---------------------------------------------------------------------------------- SparseGPT
+
+
+def correlated(k=64, n=48, rows=512, seed=0):
+    """Inputs with correlated channels of very different scales, as real activations have."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, k)) @ (rng.standard_normal((k, k)) * 0.5 + np.eye(k))
+    x *= np.exp(rng.normal(0.0, 1.0, k))
+    return x, rng.standard_normal((k, n)).astype(np.float32)
+
+
+def test_unstructured_zeroes_the_fraction_of_every_output():
+    x, w = correlated()
+    for h in (None, x.T @ x):
+        pruned, mask = sparse.prune(w, h, 0.5)
+        assert np.all(np.sum(pruned == 0, axis=0) == 32) and np.array_equal(mask, pruned == 0)
+
+
+def test_2_4_holds_the_pattern_along_the_reduction_axis():
+    x, w = correlated(k=70)  # a last group of 2
+    for h in (None, x.T @ x):
+        pruned, _ = sparse.prune(w, h, n_m=(2, 4))
+        assert sparse.holds_n_m(pruned)
+        assert np.sum(pruned == 0) == 48 * (17 * 2 + 1)
+    assert not sparse.holds_n_m(w)
+
+
+def test_reconstruction_lowers_the_output_error():
+    """SparseGPT's refit against the same mask applied without it, and against magnitude pruning."""
+    x, w = correlated()
+    refit, mask = sparse.prune(w, x.T @ x, 0.5)
+    masked = np.where(mask, 0, w)
+    by_magnitude, _ = sparse.magnitude(w, 0.5)
+
+    def err(v):
+        return np.linalg.norm(x @ w - x @ v)
+
+    assert err(refit) < 0.9 * err(masked)  # measured 0.85
+    assert err(refit) < 0.5 * err(by_magnitude)  # measured 0.22: the inputs' scales matter
+    refit24, mask24 = sparse.prune(w, x.T @ x, n_m=(2, 4))
+    assert err(refit24) < 0.9 * err(np.where(mask24, 0, w))  # measured 0.76
+
+
+# ---------------------------------------------------------------------------------- the pass
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+def test_unstructured_at_a_target_sparsity(gemm):
+    data = samples()
+    result = onnxopt.optimize(mlp(gemm), passes=["prune"], prune="unstructured", sparsity=0.5,
+                              calibration_data=data, min_cosine=0.9)
+    assert result.passes[0].counts == {"layers_pruned": 2, "weights_zeroed": 4096 + 2048}
+    w = weights(result.model)
+    assert np.all(np.sum(w["w1"] == 0, axis=0) == 32)
+    assert np.all(np.sum((w["w2"].T if gemm else w["w2"]) == 0, axis=0) == 64)  # along K for Gemm's transB
+    details = result.details["prune"]
+    assert details["refitted"] and [layer["sparsity"] for layer in details["layers"]] == [0.5, 0.5]
+    (metrics,) = result.verification["outputs"]
+    assert metrics["ok"] and metrics["samples"] == 4 and 0.9 <= metrics["cosine"] < 1
+    got = run(result.model, data[-1])["y"]
+    want = run(mlp(gemm), data[-1])["y"]
+    assert 0.9 < float(np.sum(got * want) / np.linalg.norm(got) / np.linalg.norm(want)) < 1
+
+
+def test_2_4_on_every_layer_the_budget_allows():
+    result = onnxopt.optimize(mlp(), passes=["prune"], prune="2:4", calibration_data=samples(), min_cosine=0.9)
+    assert result.passes[0].counts == {"layers_pruned": 2, "weights_zeroed": 4096 + 2048}
+    w = weights(result.model)
+    assert sparse.holds_n_m(w["w1"]) and sparse.holds_n_m(w["w2"])
+    strict = onnxopt.optimize(mlp(), passes=["prune"], prune="2:4", calibration_data=samples(), min_cosine=0.9999)
+    assert strict.passes[0].counts == {"layers_kept_dense": 2}  # no layer alone keeps that
+    assert any("kept dense for the budget" in line for line in strict.explain)
+
+
+def test_the_budget_chooses_the_sparsity():
+    loose = onnxopt.optimize(mlp(), passes=["prune"], prune="unstructured", calibration_data=samples(),
+                             min_cosine=0.95)
+    tight = onnxopt.optimize(mlp(), passes=["prune"], prune="unstructured", calibration_data=samples(),
+                             min_cosine=0.995)
+    s_loose, s_tight = loose.details["prune"]["sparsity"], tight.details["prune"]["sparsity"]
+    assert 0 < s_tight < s_loose < 0.95
+    assert loose.verification["outputs"][0]["cosine"] >= 0.95
+    assert tight.verification["outputs"][0]["cosine"] >= 0.995
+
+
+def test_without_calibration_data_by_magnitude():
+    result = onnxopt.optimize(mlp(), passes=["prune"], prune="unstructured", sparsity=0.25, min_cosine=0.5)
+    assert result.passes[0].counts == {"layers_pruned": 2, "weights_zeroed": 2048 + 1024}
+    assert not result.details["prune"]["refitted"]
+    assert any("no --calibration-data: weights go by magnitude" in line for line in result.explain)
+    w1 = onnx.numpy_helper.to_array(mlp().graph.initializer[0])
+    kept = weights(result.model)["w1"] != 0
+    for col in range(w1.shape[1]):  # per output: every kept weight at least as large as every dropped one
+        assert np.abs(w1[kept[:, col], col]).min() >= np.abs(w1[~kept[:, col], col]).max()
+
+
+def test_second_run_changes_nothing():
+    once = onnxopt.optimize(mlp(), passes=["prune"], prune="unstructured", sparsity=0.5, calibration_data=samples(),
+                            min_cosine=0.9)
+    again = onnxopt.optimize(once.model, passes=["prune"], prune="unstructured", sparsity=0.5,
+                             calibration_data=samples(), min_cosine=0.9)
+    assert again.passes[0].counts == {}
+    assert weights(again.model)["w1"].tobytes() == weights(once.model)["w1"].tobytes()
+
+
+def test_a_shared_or_small_weight_is_left_alone():
+    model = mlp()
+    model.graph.node.append(oh.make_node("MatMul", ["x", "w1"], ["z"], name="again"))
+    model.graph.output.append(oh.make_tensor_value_info("z", F, ["N", 128]))
+    result = onnxopt.optimize(model, passes=["prune"], prune="unstructured", sparsity=0.5,
+                              calibration_data=samples(), min_cosine=0.5)
+    assert result.passes[0].counts == {"layers_pruned": 1, "weights_zeroed": 2048}
+    assert any("fc1: its weight is shared with another node" in line for line in result.explain)
+    assert np.count_nonzero(weights(result.model)["w1"] == 0) == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prune": "structured"}, "bad --prune structured: expected one of unstructured, 2:4"),
+    ({"prune": "2:4", "sparsity": 0.5}, "--sparsity does not apply to --prune 2:4"),
+    ({"prune": "unstructured", "sparsity": 1.0}, "bad --sparsity 1.0"),
+    ({}, "the prune pass needs --prune METHOD"),
+])
+def test_usage_errors(kwargs, message):
+    with pytest.raises(UsageError) as e:
+        onnxopt.optimize(mlp(), passes=["prune"], **kwargs)
+    assert message in str(e.value)
+    with pytest.raises(UsageError, match="--prune unstructured needs the prune pass"):
+        onnxopt.optimize(mlp(), passes=["fold"], prune="unstructured")
