@@ -53,6 +53,8 @@ def test_order_passes():
     assert order_passes(["cleanup", "fold"]) == ["fold", "cleanup"]
     assert order_passes(["fold", "cleanup"]) == ["fold", "cleanup"]
     assert order_passes(["cleanup"]) == ["cleanup"]
+    # the canonical order of the families: fold -> cleanup -> fuse -> prune -> quant -> partition
+    assert order_passes(["partition", "quant", "prune", "fuse", "cleanup", "fold"]) == list(pipeline.CANONICAL)
 
 
 def _fake(name, after=()):

@@ -59,7 +59,7 @@ class MixedUnit:
 class QuantPass(Pass):
     name = "quant"
     summary = "precision reduction inside an error budget (--quant fp16|mixed|dynamic|static|int8|int4)"
-    after = ("fold", "cleanup", "fuse")
+    after = ("fold", "cleanup", "fuse", "prune")
     tolerance = "lossy"
 
     @dataclass

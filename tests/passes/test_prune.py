@@ -159,6 +159,18 @@ def test_a_shared_or_small_weight_is_left_alone():
     assert np.count_nonzero(weights(result.model)["w1"] == 0) == 0
 
 
+def test_prune_then_quant():
+    """prune runs before quant whatever the order given; the int8 weights keep the zeros."""
+    result = onnxopt.optimize(mlp(), passes=["quant", "prune"], prune="unstructured", sparsity=0.5, quant="dynamic",
+                              calibration_data=samples(), min_cosine=0.9)
+    assert [r.name for r in result.passes] == ["prune", "quant"]
+    assert result.order_note == "passes reordered to respect their dependencies: prune,quant"
+    assert result.passes[1].counts["matmul_int8"] == 2
+    int8 = [onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer
+            if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8) == 2 and all(0.5 <= np.mean(w == 0) < 0.51 for w in int8)  # and a few rounded to 0
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"prune": "structured"}, "bad --prune structured: expected one of unstructured, 2:4"),
     ({"prune": "2:4", "sparsity": 0.5}, "--sparsity does not apply to --prune 2:4"),
