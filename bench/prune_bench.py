@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Unstructured and 2:4 pruning on MiniLM (both exports) with real text: `--passes
-fold,cleanup,fuse,prune` at 50% unstructured (SparseGPT with calibration sentences, and by
-magnitude without them), at the largest uniform sparsity inside --min-cosine 0.99, and 2:4 in
-every layer the budget allows.
+fold,cleanup,fuse,prune` at 50% unstructured (SparseGPT with calibration sentences, with
+per-layer levels from measured sensitivity and with one sparsity for all layers, and by
+magnitude without them), at the largest mean sparsity inside --min-cosine 0.99, and 2:4 in every
+layer the budget allows.
 
 Calibration: docstring sentences (bench/text_data.py, MiniLM's tokenizer); onnxopt holds back a
 quarter of them for its own budget check. Fidelity is measured on separate evaluation sentences
@@ -31,7 +32,9 @@ import text_data  # noqa: E402
 import onnxopt  # noqa: E402
 
 RUNS = {  # name -> optimize keywords
-    "unstructured 50%, SparseGPT": {"prune": "unstructured", "sparsity": 0.5, "calibrated": True},
+    "unstructured 50%, SparseGPT, per-layer levels": {"prune": "unstructured", "sparsity": 0.5, "calibrated": True},
+    "unstructured 50%, SparseGPT, uniform": {"prune": "unstructured", "sparsity": 0.5, "calibrated": True,
+                                             "options": {"prune": {"adaptive": False}}},
     "unstructured 50%, magnitude": {"prune": "unstructured", "sparsity": 0.5, "calibrated": False},
     "unstructured, largest inside cosine 0.99": {"prune": "unstructured", "calibrated": True},
     "2:4 where cosine 0.99 allows": {"prune": "2:4", "calibrated": True},

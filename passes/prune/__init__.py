@@ -1,7 +1,10 @@
 """prune: weight pruning of linear layers, inside the error budget.
 
-`--prune unstructured` zeroes a fraction of each layer's weights (`--sparsity S`, or without it
-the largest fraction, the same for every layer, whose result stays inside `--min-cosine`);
+`--prune unstructured` zeroes a fraction of the layers' weights (`--sparsity S`, or without it
+the largest fraction whose result stays inside `--min-cosine`). With calibration data each layer
+gets its own level, chosen from its measured sensitivity so the mean is S with the least
+estimated loss (see `sensitivity` and `allocation`), kept where it measures better than S in
+every layer;
 `--prune 2:4` zeroes 2 of every 4 consecutive weights along the reduction axis (the pattern
 sparse tensor cores and TensorRT run), in every layer the budget allows, the most sensitive
 layers kept dense. Both prune by SparseGPT (sparse.py): with calibration data each layer's
@@ -54,6 +57,7 @@ class PrunePass(Pass):
     @dataclass
     class Options:
         fallback: bool = True  # 2:4: layers go back to dense until the budget holds
+        adaptive: bool = True  # unstructured: a sparsity per layer from measured sensitivity (needs calibration data)
 
     def run(self, model, ctx):
         if ctx.prune not in METHODS:
@@ -74,9 +78,19 @@ class PrunePass(Pass):
         measure = Measure(model, ctx.evaluation, ctx.min_cosine)
         cache: dict = {}
 
-        def rewrite(m, chosen, sparsity):
+        def rewrite(m, chosen, sparsity):  # sparsity: one for all, or {site index: its own}
             for site in chosen:
-                prune_site(m.graph.nodes[site.index], site, hessians, sparsity, ctx.prune, cache)
+                s = sparsity.get(site.index, 0.0) if isinstance(sparsity, dict) else sparsity
+                if s > 0:
+                    prune_site(m.graph.nodes[site.index], site, hessians, s, ctx.prune, cache)
+
+        allocate, curves = None, None
+        if ctx.prune == "unstructured" and hessians and self.options.adaptive:
+            curves = sensitivity(model, sites, hessians, measure, rewrite, ctx)
+            params = np.array([s.params for s in sites], np.float64)
+
+            def allocate(target):
+                return {s.index: level for s, level in zip(sites, allocation(curves, params, target))}
 
         if ctx.prune == "2:4":
             fit = fit_budget(model, sites, lambda m, chosen: rewrite(m, chosen, 0.5), measure, self.options.fallback)
@@ -86,25 +100,31 @@ class PrunePass(Pass):
                         f"{', '.join(s.label for s in fit.kept)}")
         elif ctx.sparsity is not None:
             chosen, sparsity = sites, ctx.sparsity
-            trial = copy_model(model)
-            rewrite(trial, chosen, sparsity)
-            score = measure.score(trial)
         else:
-            sparsity, score = search_sparsity(model, sites, rewrite, measure)
+            sparsity, score = search_sparsity(model, sites, rewrite, measure, allocate)
             chosen = sites if sparsity > 0 else []
-            ctx.log(f"prune: the largest uniform sparsity inside the budget (cosine >= {ctx.min_cosine}): "
-                    f"{sparsity:.3f}")
+            ctx.log(f"prune: the largest {'mean' if allocate else 'uniform'} sparsity inside the budget "
+                    f"(cosine >= {ctx.min_cosine}): {sparsity:.3f}")
+        plan = sparsity
+        if ctx.prune == "unstructured" and chosen:  # per-layer levels only where they measure better
+            plan, score = _better(model, chosen, rewrite, measure, sparsity, allocate)
+            if allocate is not None and plan is sparsity:
+                ctx.log("prune: the per-layer levels measured worse than one sparsity for all: kept uniform")
         before = {s.index: int(np.sum(np.asarray(values(graph.nodes[s.index].inputs[1])) == 0)) for s in chosen}
-        rewrite(model, chosen, sparsity)
+        rewrite(model, chosen, plan)
         layers = []
+        row = {s.index: i for i, s in enumerate(sites)}
         for site in chosen:
             w = np.asarray(values(graph.nodes[site.index].inputs[1]))
             zeros = int(np.sum(w == 0))
             layers.append({"node": site.label, "kind": site.kind, "weights": int(w.size), "zeros": zeros,
                            "newly_zeroed": zeros - before[site.index], "sparsity": round(zeros / w.size, 4)})
+            if curves is not None and isinstance(plan, dict):  # 1 - cosine with this layer alone, estimated
+                layers[-1]["estimated_loss"] = round(float(curves[row[site.index], LEVELS.index(plan[site.index])]), 6)
         total = sum(s.params for s in sites)
         zeros = sum(layer["zeros"] for layer in layers)
-        ctx.details["prune"] = {"method": ctx.prune, "sparsity": sparsity, "layers": layers,
+        ctx.details["prune"] = {"method": ctx.prune, "sparsity": sparsity, "adaptive": isinstance(plan, dict),
+                                "layers": layers,
                                 "kept_dense": [s.label for s in sites if s not in chosen],
                                 "linear_weights": total, "zeros": zeros,
                                 "measured_cosine": round(score, 6), "refitted": bool(hessians)}
@@ -161,26 +181,103 @@ def input_products(model, sites: list[Site], samples: list[dict]) -> dict[str, n
     return products
 
 
+def site_weight(node: gs.Node, site: Site) -> tuple[np.ndarray, bool]:
+    """The weight as [K, N] (y = x @ W), and whether the stored one is its transpose (Gemm transB)."""
+    stored = np.asarray(values(node.inputs[1]), np.float32)
+    transposed = bool(site.kind == "gemm" and node.attrs.get("transB", 0))
+    return (stored.T if transposed else stored), transposed
+
+
 def prune_site(node: gs.Node, site: Site, hessians: dict, sparsity: float, method: str, cache: dict) -> None:
     """Replace the node's weight with its pruned copy (a new constant: model copies share weights)."""
     key = (site.index, method, sparsity)
     if key not in cache:
-        stored = np.asarray(values(node.inputs[1]), np.float32)
-        transposed = site.kind == "gemm" and node.attrs.get("transB", 0)
-        w = stored.T if transposed else stored  # [K, N]
+        w, transposed = site_weight(node, site)
         n_m = (2, 4) if method == "2:4" else None
         pruned, _ = sparse.prune(w, hessians.get(node.inputs[0].name), sparsity, n_m)
         cache[key] = np.ascontiguousarray(pruned.T if transposed else pruned)
     node.inputs[1] = gs.Constant(node.inputs[1].name, cache[key])
 
 
-def search_sparsity(model, sites, rewrite, measure: Measure) -> tuple[float, float]:
-    """The largest uniform sparsity whose result keeps measure's budget (bisection), and its score."""
+LEVELS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the sparsities a layer may get
+REFERENCE = 0.5  # the level each layer's end-to-end sensitivity is measured at
+MAX_MEASURED = 48  # above this many layers, local errors alone rank them
+
+
+def sensitivity(model, sites: list[Site], hessians: dict, measure: Measure, rewrite, ctx) -> np.ndarray:
+    """Per layer and level of LEVELS, the estimated loss (1 - cosine) of pruning that layer alone:
+    its local output error on the calibration inputs (tr(D^T H D) / tr(W^T H W), D the removed
+    part after the refit) scaled to the loss measured end to end with it alone at REFERENCE. Layers
+    differ by far more than their local errors show (a late layer's error reaches the outputs)."""
+    nodes = model.graph.nodes
+    local = np.zeros((len(sites), len(LEVELS)))
+    for i, site in enumerate(sites):
+        w, _ = site_weight(nodes[site.index], site)
+        h = hessians.get(nodes[site.index].inputs[0].name)
+        base = float(np.einsum("kn,kj,jn->", w, h, w)) or 1.0
+        for j, level in enumerate(LEVELS[1:], 1):
+            d = (w - sparse.prune(w, h, level)[0]).astype(np.float64)
+            local[i, j] = float(np.einsum("kn,kj,jn->", d, h, d)) / base
+    if len(sites) > MAX_MEASURED:
+        ctx.log(f"prune: {len(sites)} layers: their sensitivity is their local error (measured end to end "
+                f"up to {MAX_MEASURED} layers)")
+        return local
+    ref = LEVELS.index(REFERENCE)
+    scaled = np.zeros_like(local)
+    for i, site in enumerate(sites):
+        trial = copy_model(model)
+        rewrite(trial, [site], REFERENCE)
+        loss = max(0.0, 1.0 - measure.score(trial))
+        scaled[i] = local[i] * (loss / local[i, ref] if local[i, ref] > 0 else 0.0)
+    if ctx.explain:
+        for i in np.argsort(-scaled[:, ref])[:10]:
+            ctx.log(f"prune: sensitivity {sites[i].label}: cosine {1 - scaled[i, ref]:.6f} with it alone at "
+                    f"{REFERENCE:.0%}")
+    return scaled
+
+
+def allocation(curves: np.ndarray, params: np.ndarray, target: float) -> list[float]:
+    """A level per layer whose parameter-weighted mean reaches `target` with the least summed
+    estimated loss: greedily the step with the least added loss per weight removed."""
+    levels = np.zeros(len(params), int)
+    steps = np.diff(np.array(LEVELS))
+    goal = target * params.sum()
+    removed = 0.0
+    while removed < goal - 1e-9:
+        room = levels < len(LEVELS) - 1
+        if not room.any():
+            break
+        nxt = np.minimum(levels + 1, len(LEVELS) - 1)
+        rows = np.arange(len(params))
+        cost = (curves[rows, nxt] - curves[rows, levels]) / (params * steps[np.minimum(levels, len(steps) - 1)])
+        cost[~room] = np.inf
+        i = int(np.argmin(cost))
+        removed += params[i] * steps[levels[i]]
+        levels[i] += 1
+    return [LEVELS[j] for j in levels]
+
+
+def _better(model, sites, rewrite, measure: Measure, sparsity: float, allocate) -> tuple:
+    """(plan, score): the per-layer levels allocate gives for `sparsity`, or `sparsity` for every
+    layer when that measures better (the allocation rests on losses that do not add up exactly)."""
+    candidates = [sparsity] + ([allocate(sparsity)] if allocate is not None else [])
+    scored = []
+    for plan in candidates:
+        trial = copy_model(model)
+        rewrite(trial, sites, plan)
+        scored.append((measure.score(trial), isinstance(plan, dict), plan))
+    score, _, plan = max(scored, key=lambda x: (x[0], x[1]))
+    return plan, score
+
+
+def search_sparsity(model, sites, rewrite, measure: Measure, allocate=None) -> tuple[float, float]:
+    """The largest sparsity (uniform, or the mean of `allocate`'s per-layer levels) whose result
+    keeps measure's budget (bisection), and its score."""
     lo, hi, best = 0.0, MAX_SPARSITY, 1.0
     for _ in range(SEARCH_STEPS):
         mid = round((lo + hi) / 2, 4)
         trial = copy_model(model)
-        rewrite(trial, sites, mid)
+        rewrite(trial, sites, allocate(mid) if allocate else mid)
         score = measure.score(trial)
         if score >= measure.budget:
             lo, best = mid, score

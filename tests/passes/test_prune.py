@@ -183,3 +183,39 @@ def test_usage_errors(kwargs, message):
     assert message in str(e.value)
     with pytest.raises(UsageError, match="--prune unstructured needs the prune pass"):
         onnxopt.optimize(mlp(), passes=["fold"], prune="unstructured")
+
+
+def test_allocation_gives_the_cheap_layer_more():
+    from onnxopt.passes.prune import LEVELS, allocation
+
+    cheap = np.array(LEVELS) * 0.1
+    dear = np.array(LEVELS) ** 2
+    levels = allocation(np.stack([cheap, dear]), np.array([100.0, 100.0]), 0.5)
+    assert levels[0] > 0.5 > levels[1] and (levels[0] + levels[1]) / 2 >= 0.5
+
+
+def two_branches() -> onnx.ModelProto:
+    """y = x @ wa + 0.01 * (x @ wb): wb barely reaches the output."""
+    nodes = [oh.make_node("MatMul", ["x", "wa"], ["a"], name="strong"),
+             oh.make_node("MatMul", ["x", "wb"], ["b"], name="weak"),
+             oh.make_node("Mul", ["b", "small"], ["bs"]), oh.make_node("Add", ["a", "bs"], ["y"])]
+    graph = oh.make_graph(nodes, "two", [oh.make_tensor_value_info("x", F, ["N", 64])],
+                          [oh.make_tensor_value_info("y", F, ["N", 64])],
+                          [weight("wa", [64, 64], 0), weight("wb", [64, 64], 1),
+                           oh.make_tensor("small", F, [], [0.01])])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def test_adaptive_sparsity_prunes_the_layer_that_matters_less():
+    kw = {"passes": ["prune"], "prune": "unstructured", "sparsity": 0.5, "calibration_data": samples(),
+          "min_cosine": 0.5}
+    adaptive = onnxopt.optimize(two_branches(), **kw)
+    uniform = onnxopt.optimize(two_branches(), options={"prune": {"adaptive": False}}, **kw)
+    d = adaptive.details["prune"]
+    assert d["adaptive"] and not uniform.details["prune"]["adaptive"]
+    by_node = {layer["node"]: layer["sparsity"] for layer in d["layers"]}
+    loss = {layer["node"]: layer["estimated_loss"] for layer in d["layers"]}
+    assert loss["weak"] < loss["strong"]  # the error each contributes, estimated
+    assert by_node["weak"] > 0.5 > by_node["strong"] and (by_node["weak"] + by_node["strong"]) / 2 >= 0.5
+    assert d["measured_cosine"] > uniform.details["prune"]["measured_cosine"]
+    assert adaptive.passes[0].counts["weights_zeroed"] >= 4096
