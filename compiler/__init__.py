@@ -192,13 +192,14 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     if size_before and size_before > 64 << 20:
         gc.collect()  # the graph's nodes and tensors reference each other: free a big one now
 
+    tolerance = _tolerance(ordered, pass_options)
     try:
         if pending is not None:
             pending.check()
-            check.final(pending.tmp_model, ordered, _tolerance(ordered, pass_options))
+            check.final(pending.tmp_model, ordered, tolerance)
             if split is not None:
                 _write_split(pending.tmp_model, os.fspath(split), out_path, check, ctx.details, say,
-                             _tolerance(ordered, pass_options) != "lossy")
+                             tolerance != "lossy")
             written = pending.commit()
             pending = None
             size_after = sum(os.path.getsize(p) for p in written)
@@ -207,10 +208,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
             if check.reference is not None or split is not None:  # else nothing to compare with: no file to write
                 with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
                     path = verification.write_for_runtime(out_model, tmp)
-                    check.final(path, ordered, _tolerance(ordered, pass_options))
+                    check.final(path, ordered, tolerance)
                     if split is not None:
-                        _write_split(path, os.fspath(split), None, check, ctx.details, say,
-                                     _tolerance(ordered, pass_options) != "lossy")
+                        _write_split(path, os.fspath(split), None, check, ctx.details, say, tolerance != "lossy")
             size_after = _proto_size(out_model)
     except VerificationError:
         if verify == "final" and len(ordered) > 1 and check.reference is not None:

@@ -19,7 +19,6 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import UsageError
@@ -27,7 +26,7 @@ from onnxopt.graph import cleanup, node_metadata, onnx_dtype
 from onnxopt.pipeline import Pass
 
 from . import specs
-from .cost import node_costs, tensor_infos
+from .cost import itemsize, node_costs, tensor_infos
 from .plan import Problem, node_reads, node_refusal, make_plan, order_runs, parse_pins, plan_cost, runs
 from .split import DEVICES_KEY, SETTINGS_KEY
 
@@ -194,18 +193,14 @@ def apply_precision(model, ctx, devices, device_of: dict[int, int], modes: dict[
                 near = (dst | src) & set(targets)
                 choice = min(near) if near else targets[0]
             else:
-                shrinks = _itemsize(node.outputs[0]) < _itemsize(node.inputs[0]) if node.inputs else True
+                shrinks = (itemsize(onnx_dtype(node.outputs[0])) < itemsize(onnx_dtype(node.inputs[0]))
+                           if node.inputs else True)
                 side = src if shrinks or len(dst) != 1 else dst
                 choice = min(side) if len(side) == 1 else host
             if node_refusal(devices[choice], node, opsets) is not None:
                 choice = host
             device_of[id(node)] = choice
     return counts
-
-
-def _itemsize(t) -> int:
-    e = onnx_dtype(t)
-    return onnx.helper.tensor_dtype_to_np_dtype(e).itemsize if e else 4
 
 
 def _set_metadata(meta, entries: dict[str, str]) -> None:

@@ -78,14 +78,14 @@ def tensor_infos(m: Model, feeds: dict | None) -> dict[str, TensorInfo]:
             shape = tuple(d.dim_value for d in tt.shape.dim)
         old = infos.get(vi.name)
         if old is None or old.shape is None:
-            infos[vi.name] = TensorInfo(shape, _itemsize(tt.elem_type))
+            infos[vi.name] = TensorInfo(shape, itemsize(tt.elem_type))
     for t in m.graph.tensors().values():
         if isinstance(t, gs.Constant):
-            infos[t.name] = TensorInfo(tuple(t.shape), _itemsize(onnx_dtype(t)))
+            infos[t.name] = TensorInfo(tuple(t.shape), itemsize(onnx_dtype(t)))
     return infos
 
 
-def _itemsize(enum: int | None) -> int:
+def itemsize(enum: int | None) -> int:
     try:
         return onnx.helper.tensor_dtype_to_np_dtype(enum).itemsize
     except (KeyError, TypeError, ValueError):
@@ -144,5 +144,5 @@ def _info(t: gs.Tensor, infos: dict[str, TensorInfo]) -> TensorInfo:
     if info is not None:
         return info
     if t.shape is not None and all(isinstance(d, int) for d in t.shape):
-        return TensorInfo(tuple(t.shape), _itemsize(onnx_dtype(t)))
-    return TensorInfo(None, _itemsize(onnx_dtype(t)))
+        return TensorInfo(tuple(t.shape), itemsize(onnx_dtype(t)))
+    return TensorInfo(None, itemsize(onnx_dtype(t)))

@@ -63,16 +63,10 @@ class Plan:
     devices: list[DeviceSpec]
     assignment: list[int]  # device index per node
     partitions: list[Partition]
-    compute_seconds: float
-    transfer_seconds: float
     transfer_bytes: int
     refusals: dict[int, dict[str, str]]  # node -> device -> why it cannot run there
     stuck: dict[int, str] = field(default_factory=dict)  # partitions under min_size that did not move, and why
     unplaced: list[int] = field(default_factory=list)  # nodes no device runs (left on the host)
-
-    @property
-    def seconds(self) -> float:
-        return self.compute_seconds + self.transfer_seconds
 
 
 class Problem:
@@ -532,5 +526,4 @@ def make_plan(p: Problem, min_size: int) -> Plan:
         part.outputs = [p.tensors[t].name for t in dict.fromkeys(t for i in part.nodes for t in p.node_tensors[i])
                         if p.tensors[t].producer in mine and
                         any(c == HOST or c not in mine for c in p.tensors[t].consumers)]
-    compute, moved, nbytes = p.total(assign)
-    return Plan(p.devices, assign, parts, compute, moved, nbytes, p.refusals, stuck, p.unplaced)
+    return Plan(p.devices, assign, parts, p.total(assign)[2], p.refusals, stuck, p.unplaced)

@@ -29,7 +29,7 @@ from onnxopt.graph import STANDARD_DOMAINS, is_constant, values
 from onnxopt.pipeline import Pass
 
 from ..quant.budget import Measure, copy_model, fit_budget
-from ..quant.calib import channel_rows, observe
+from ..quant.calib import input_products
 from . import sparse
 
 METHODS = ("unstructured", "2:4")
@@ -70,7 +70,8 @@ class PrunePass(Pass):
             ctx.log("prune: nothing to prune (no MatMul, Gemm or Attention with a constant weight)")
             return Counter()
         if ctx.calibration_data:
-            hessians = input_products(model, sites, ctx.calibration_data)
+            hessians = input_products(model, [graph.nodes[s.index].inputs[0].name for s in sites],
+                                      ctx.calibration_data)
         else:
             hessians = {}
             ctx.log("prune: no --calibration-data: weights go by magnitude, nothing is refitted, and the "
@@ -164,21 +165,6 @@ def _kind(node: gs.Node) -> str | None:
     if node.domain == "com.microsoft" and node.op == "Attention" and len(node.inputs) > 1:
         return "attention"
     return None
-
-
-def input_products(model, sites: list[Site], samples: list[dict]) -> dict[str, np.ndarray]:
-    """X^T X of every site's input over the calibration samples."""
-    nodes = model.graph.nodes
-    names = sorted({nodes[s.index].inputs[0].name for s in sites})
-    products: dict[str, np.ndarray] = {}
-
-    def add(outs):
-        for name, x in outs.items():
-            rows = channel_rows(x, 1 << 16).astype(np.float64)
-            products[name] = products.get(name, 0) + rows.T @ rows
-
-    observe(model, names, samples, add)
-    return products
 
 
 def site_weight(node: gs.Node, site: Site) -> tuple[np.ndarray, bool]:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxopt.passes.quant.calib import inverse_factor
+
 BLOCK = 128  # rows along the reduction axis pruned and compensated together
-DAMP = 0.01  # fraction of H's mean diagonal added to it
 
 
 def prune(w: np.ndarray, h: np.ndarray | None, sparsity: float = 0.0,
@@ -26,15 +27,10 @@ def prune(w: np.ndarray, h: np.ndarray | None, sparsity: float = 0.0,
         return magnitude(w, sparsity, n_m)
     wt = w.T.astype(np.float64)  # [N, K]: a row per output
     n, k = wt.shape
-    hh = np.array(h, np.float64)
-    dead = np.diag(hh) == 0  # inputs that never varied: their weights do nothing
-    hh[dead, dead] = 1.0
-    wt[:, dead] = 0.0
-    hh += DAMP * np.mean(np.diag(hh)) * np.eye(k)
-    try:
-        u = np.linalg.cholesky(np.linalg.inv(hh)).T  # upper factor of H^-1
-    except np.linalg.LinAlgError:
+    u, dead = inverse_factor(h, k)
+    if u is None:
         return magnitude(w, sparsity, n_m)
+    wt[:, dead] = 0.0  # inputs that never varied: their weights do nothing
     mask = np.zeros((n, k), bool)
     for i1 in range(0, k, BLOCK):
         i2 = min(i1 + BLOCK, k)

@@ -38,7 +38,7 @@ from onnxopt.pipeline import Pass
 from . import int4, int8
 from . import static as qdq
 from .budget import Measure, copy_model, fit_budget
-from .calib import channel_rows, observe
+from .calib import channel_rows, input_products, observe
 from .fp16 import convert_to_fp16
 
 MODES = ("fp16", "mixed", "dynamic", "static", "int8", "int4")
@@ -205,16 +205,8 @@ class QuantPass(Pass):
     def input_products(model, sites, ctx) -> dict:
         """X^T X of every linear site's input over the calibration samples (GPTQ's H)."""
         nodes = model.graph.nodes
-        names = sorted({nodes[s.index].inputs[0].name for s in sites if s.kind != "gather"})
-        products: dict[str, np.ndarray] = {}
-
-        def add(outs):
-            for name, x in outs.items():
-                rows = channel_rows(x, 1 << 16).astype(np.float64)
-                products[name] = products.get(name, 0) + rows.T @ rows
-
-        observe(model, names, ctx.calibration_data, add)
-        return products
+        return input_products(model, [nodes[s.index].inputs[0].name for s in sites if s.kind != "gather"],
+                              ctx.calibration_data)
 
     @staticmethod
     def log_fit(ctx, fit, sites, what: str, noun: str = "nodes") -> None:

@@ -46,3 +46,35 @@ def channel_rows(x: np.ndarray, limit: int = 4096) -> np.ndarray:
     if len(rows) > limit:
         rows = rows[np.linspace(0, len(rows) - 1, limit).astype(int)]
     return rows.astype(np.float32, copy=False)
+
+
+DAMP = 0.01  # fraction of H's mean diagonal added to it (GPTQ's and SparseGPT's dampening)
+
+
+def input_products(model, names: list[str], samples: list[dict]) -> dict[str, np.ndarray]:
+    """X^T X [K, K] of each named tensor (channels on its last axis) over the samples: the H that
+    GPTQ and SparseGPT compensate errors through."""
+    products: dict[str, np.ndarray] = {}
+
+    def add(outs):
+        for name, x in outs.items():
+            rows = channel_rows(x, 1 << 16).astype(np.float64)
+            products[name] = products.get(name, 0) + rows.T @ rows
+
+    observe(model, sorted(set(names)), samples, add)
+    return products
+
+
+def inverse_factor(h: np.ndarray, k: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(the upper Cholesky factor of H^-1, or None where H stays singular, and the dead inputs):
+    H [<=k, <=k] is padded with zeros to [k, k]; inputs that never varied (zero diagonal, and the
+    padding) get a unit diagonal, and H is damped by DAMP of its mean diagonal."""
+    hh = np.zeros((k, k))
+    hh[:h.shape[0], :h.shape[0]] = h
+    dead = np.diag(hh) == 0
+    hh[dead, dead] = 1.0
+    hh += DAMP * np.mean(np.diag(hh)) * np.eye(k)
+    try:
+        return np.linalg.cholesky(np.linalg.inv(hh)).T, dead
+    except np.linalg.LinAlgError:
+        return None, dead

@@ -23,11 +23,11 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import Names, values
 
+from .calib import inverse_factor
 from .int8 import MS, Site, _attention_core, _const, _var, linear_weight
 
 BLOCK = 32
 GPTQ_BATCH = 128  # columns updated together (GPTQ's lazy batch); a multiple of BLOCK
-DAMP = 0.01  # fraction of H's mean diagonal added to it (GPTQ's dampening)
 
 
 def quantize_blocks(w: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -63,16 +63,10 @@ def gptq(w: np.ndarray, h: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, 
     h = X^T X [K, K] of the layer's calibration inputs."""
     wt = _padded(w, block).astype(np.float64)  # [N, K']: a row per output, columns along K
     n, k = wt.shape
-    hh = np.zeros((k, k))
-    hh[:h.shape[0], :h.shape[0]] = h
-    dead = np.diag(hh) == 0  # inputs that never varied (and the padding): nothing to compensate
-    hh[dead, dead] = 1.0
-    wt[:, dead] = 0.0
-    hh += DAMP * np.mean(np.diag(hh)) * np.eye(k)
-    try:
-        u = np.linalg.cholesky(np.linalg.inv(hh)).T  # upper factor of H^-1
-    except np.linalg.LinAlgError:
+    u, dead = inverse_factor(h, k)
+    if u is None:
         return quantize_blocks(w, block)
+    wt[:, dead] = 0.0  # inputs that never varied (and the padding): nothing to compensate
     q = np.zeros((n, k), np.uint8)
     scales = np.zeros((n, k // block), np.float32)
     zeros = np.zeros((n, k // block), np.uint8)
