@@ -75,7 +75,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     """Run the selected passes on a model file or ModelProto, verify, and write `output` atomically.
 
     quant: the quant pass's mode: fp16, mixed, dynamic, static, int8 or int4.
-    prune: the prune pass's method: unstructured or 2:4. sparsity: unstructured's fraction of
+    prune: the prune pass's method: structured, unstructured or 2:4. sparsity: unstructured's fraction of
     each layer's weights (None: the largest the budget allows).
     calibration_data: an .npz (one array per input, first axis = samples), a folder of .npz files
     (one sample each), or an iterable of feed dicts.
@@ -111,7 +111,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     if prune is not None and "prune" not in ordered:
         raise UsageError(f"--prune {prune} needs the prune pass in --passes")
     if "prune" in ordered and prune is None:
-        raise UsageError("the prune pass needs --prune METHOD (unstructured or 2:4)")
+        raise UsageError("the prune pass needs --prune METHOD (structured, unstructured or 2:4)")
     if sparsity is not None and prune is None:
         raise UsageError("--sparsity needs --prune")
     if sparsity is not None and not 0.0 < sparsity < 1.0:
@@ -172,7 +172,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     ctx = Context(target=target, max_opset=max_opset, quant=quant, prune=prune, sparsity=sparsity,
                   min_cosine=budget, calibration_data=calibration,
                   inputs=given, evaluation=evaluation, explain=explain, log=notes.append,
-                  devices=devices, pins=list(pins or []))
+                  devices=devices, pins=list(pins or []), passes=tuple(ordered))
     each = functools.partial(check.after_pass, m=m) if verify == "each" else None
     records = run_passes(m, ordered, pass_options, ctx, after_each=each,
                          progress=lambda i, n, name: say(f"[{i + 1}/{n}] {name}"))

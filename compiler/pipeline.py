@@ -56,6 +56,8 @@ class Context:
     devices: list[str] | None = None  # the partition pass's devices: built-in names or spec files (--devices)
     pins: list[str] = field(default_factory=list)  # the partition pass's pins, WHAT=DEVICE (--pin)
     details: dict[str, Any] = field(default_factory=dict)  # per pass, what the report shows beyond counts
+    passes: tuple[str, ...] = ()  # the passes this run applies, in order
+    reference: list | None = None  # the outputs lossy passes compare with (set by the first one's measure)
     explain: bool = False
     log: Callable[[str], None] = lambda message: None
 

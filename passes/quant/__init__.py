@@ -130,7 +130,7 @@ class QuantPass(Pass):
                                 cache)
             cleanup(m.graph)
 
-        fit = fit_budget(model, sites, rewrite, measure or Measure(model, ctx.evaluation, ctx.min_cosine),
+        fit = fit_budget(model, sites, rewrite, measure or Measure.of(model, ctx),
                          self.options.fallback)
         rewrite(model, fit.chosen)
         self.log_fit(ctx, fit, sites, "dynamic int8")
@@ -192,7 +192,7 @@ class QuantPass(Pass):
             int4.quantize_sites(m.graph, chosen, weights, version, Names(m.graph), self.options.accuracy_level)
             cleanup(m.graph)
 
-        fit = fit_budget(model, sites, rewrite, Measure(model, ctx.evaluation, ctx.min_cosine),
+        fit = fit_budget(model, sites, rewrite, Measure.of(model, ctx),
                          self.options.fallback)
         rewrite(model, fit.chosen)
         self.log_fit(ctx, fit, sites, f"int4 ({method})")
@@ -240,7 +240,7 @@ class QuantPass(Pass):
             merge_duplicate_constants(m.graph)
             cleanup(m.graph)
 
-        fit = fit_budget(model, units, rewrite, Measure(model, ctx.evaluation, ctx.min_cosine),
+        fit = fit_budget(model, units, rewrite, Measure.of(model, ctx),
                          self.options.fallback)
         rewrite(model, fit.chosen)
         self.log_fit(ctx, fit, units, "mixed float16")
@@ -278,7 +278,7 @@ class QuantPass(Pass):
             qdq.quantize_static(m.graph, chosen, here, params, Names(m.graph), qmax)
             cleanup(m.graph)
 
-        fit = fit_budget(model, sites, rewrite, measure or Measure(model, ctx.evaluation, ctx.min_cosine),
+        fit = fit_budget(model, sites, rewrite, measure or Measure.of(model, ctx),
                          self.options.fallback)
         rewrite(model, fit.chosen)
         self.log_fit(ctx, fit, sites, f"static int8 ({method}, {len(ctx.calibration_data)} calibration samples)")
@@ -293,7 +293,7 @@ class QuantPass(Pass):
         float (ConvInteger is slower than float Conv); MatMul, Gemm, embeddings and attention
         dynamic (run-time activation ranges, SmoothQuant). One budget for both, measured against
         the float model."""
-        measure = Measure(model, ctx.evaluation, ctx.min_cosine)
+        measure = Measure.of(model, ctx)
         convs = [x for x in qdq.static_sites(model.graph)[0] if x.kind == "conv"]
         counts = Counter()
         if convs and ctx.calibration_data:

@@ -38,11 +38,21 @@ def copy_model(m: Model) -> Model:
 
 
 class Measure:
-    """Runs models on the evaluation samples; compares with the float model's outputs."""
+    """Runs models on the evaluation samples; compares with the float model's outputs (those of
+    `model`, or `reference` when given)."""
 
-    def __init__(self, model: Model, samples: list[dict], budget: float):
+    def __init__(self, model: Model, samples: list[dict], budget: float, reference: list | None = None):
         self.samples, self.budget = samples, budget
-        self.reference = self.run(model)
+        self.reference = reference if reference is not None else self.run(model)
+
+    @classmethod
+    def of(cls, model: Model, ctx, share: float = 1.0) -> "Measure":
+        """The measure of a lossy pass: against the model before the first lossy pass of the run
+        (so a later pass sees the error of those before it), with `share` of the loss budget
+        (1 - --min-cosine) for a pass that leaves the rest to passes after it."""
+        m = cls(model, ctx.evaluation, 1.0 - (1.0 - (ctx.min_cosine or 0.99)) * share, ctx.reference)
+        ctx.reference = m.reference
+        return m
 
     def run(self, model: Model) -> list[dict]:
         with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
