@@ -66,9 +66,11 @@ class Progress:
                    "run time), static (int8 QDQ calibrated on --calibration-data), int8 (static for convolutions "
                    "with calibration data, dynamic for the rest) or int4 (4-bit block-wise weights, --target ort).")
 @click.option("--prune", "prune", metavar="METHOD",
-              help="The prune pass's method (put prune in --passes): unstructured or 2:4.")
+              help="The prune pass's method (put prune in --passes): structured (whole attention heads, FFN "
+                   "neurons and conv channels removed: smaller and faster everywhere), unstructured or 2:4.")
 @click.option("--sparsity", type=float, metavar="S",
-              help="unstructured: the fraction of each layer's weights to zero; default: the most --min-cosine allows.")
+              help="structured and unstructured: the fraction of the prunable layers' weights to remove; "
+                   "default: the most --min-cosine allows.")
 @click.option("--calibration-data", "calibration_path", metavar="PATH",
               help="Calibration samples: an .npz with one array per input (first axis = samples), or a folder "
                    "of .npz files with one sample each. The last quarter is held back: the error budget and "

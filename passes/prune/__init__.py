@@ -1,4 +1,8 @@
-"""prune: weight pruning of linear layers, inside the error budget.
+"""prune: weight pruning inside the error budget.
+
+`--prune structured` removes whole attention heads, FFN neurons and conv channels (see
+structured.py and groups.py): tensors shrink, so every runtime runs faster. The rest of this
+module zeroes single weights.
 
 `--prune unstructured` zeroes a fraction of the layers' weights (`--sparsity S`, or without it
 the largest fraction whose result stays inside `--min-cosine`). With calibration data each layer
@@ -31,8 +35,9 @@ from onnxopt.pipeline import Pass
 from ..quant.budget import Measure, copy_model, fit_budget
 from ..quant.calib import input_products
 from . import sparse
+from .structured import budget_share, run_structured
 
-METHODS = ("unstructured", "2:4")
+METHODS = ("structured", "unstructured", "2:4")
 MIN_ELEMENTS = 1024  # smaller weights are left alone
 SEARCH_STEPS = 7  # bisection steps for the largest uniform sparsity inside the budget
 MAX_SPARSITY = 0.95
@@ -50,7 +55,7 @@ class Site:
 
 class PrunePass(Pass):
     name = "prune"
-    summary = "weight pruning inside an error budget (--prune unstructured|2:4, --sparsity S)"
+    summary = "weight pruning inside an error budget (--prune structured|unstructured|2:4, --sparsity S)"
     after = ("fold", "cleanup", "fuse")
     tolerance = "lossy"
 
@@ -62,6 +67,8 @@ class PrunePass(Pass):
     def run(self, model, ctx):
         if ctx.prune not in METHODS:
             raise UsageError(f"bad --prune {ctx.prune}: expected one of {', '.join(METHODS)}")
+        if ctx.prune == "structured":
+            return run_structured(model, ctx)
         graph = model.graph
         sites, skipped = find_sites(graph)
         for label, reason in skipped.items():
@@ -76,7 +83,7 @@ class PrunePass(Pass):
             hessians = {}
             ctx.log("prune: no --calibration-data: weights go by magnitude, nothing is refitted, and the "
                     "error is measured on generated inputs")
-        measure = Measure(model, ctx.evaluation, ctx.min_cosine)
+        measure = Measure.of(model, ctx, budget_share(ctx))
         cache: dict = {}
 
         def rewrite(m, chosen, sparsity):  # sparsity: one for all, or {site index: its own}

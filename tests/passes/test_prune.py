@@ -172,7 +172,7 @@ def test_prune_then_quant():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"prune": "structured"}, "bad --prune structured: expected one of unstructured, 2:4"),
+    ({"prune": "channels"}, "bad --prune channels: expected one of structured, unstructured, 2:4"),
     ({"prune": "2:4", "sparsity": 0.5}, "--sparsity does not apply to --prune 2:4"),
     ({"prune": "unstructured", "sparsity": 1.0}, "bad --sparsity 1.0"),
     ({}, "the prune pass needs --prune METHOD"),
