@@ -190,7 +190,7 @@ def curve(graph: gs.Graph, g: Group, st: Stats) -> Curve:
         node = graph.nodes[ci]
         w = np.asarray(values(node.inputs[1]), np.float64)
         if node.op == "Conv":
-            per_in = np.einsum("oi...->i", w * w)
+            per_in = np.sum(w * w, axis=tuple(a for a in range(w.ndim) if a != 1))
         elif node.op == "Gemm" and node.attrs.get("transB", 0):
             per_in = np.einsum("oi,oi->i", w, w)
         else:

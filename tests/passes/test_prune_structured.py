@@ -380,3 +380,27 @@ def test_nothing_to_prune_changes_nothing():
                      [oh.make_tensor_value_info("y", F, [2, 3])], [])
     res = onnxopt.optimize(proto, passes=["prune"], prune="structured", verify="none")
     assert not res.passes[-1].counts and res.details["prune"]["groups"] == []
+
+
+def test_prune_leaves_a_quarter_of_the_budget_to_quant_after_it():
+    res = onnxopt.optimize(block(), passes=["prune", "quant"], prune="structured", quant="dynamic", min_cosine=0.9,
+                           calibration_data=block_samples())
+    assert res.details["prune"]["budget"] == pytest.approx(1 - 0.75 * 0.1)
+    assert res.details["prune"]["measured_cosine"] >= 1 - 0.75 * 0.1
+    assert min(o["cosine"] for o in res.verification["outputs"]) >= 0.9
+
+
+def test_cli_structured_writes_a_smaller_model_and_the_report(cli, tmp_path):
+    import json
+
+    src, out, report, data = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "c.npz"
+    onnx.save(block(), src)
+    s = block_samples()
+    np.savez(data, x=np.concatenate([f["x"] for f in s]), mask=np.concatenate([f["mask"] for f in s]))
+    ran = cli(src, "-o", out, "--passes", "prune", "--prune", "structured", "--sparsity", "0.3",
+              "--calibration-data", data, "--report", report, "--write-over-budget", "-q")
+    assert ran.code == 0, ran.err
+    d = json.loads(report.read_text())["details"]["prune"]
+    assert d["method"] == "structured" and d["params_removed"] >= 0.3 * d["prunable_params"]
+    assert sum(r["removed"] for r in d["groups"]) > 0 and all("estimated_loss" in r for r in d["groups"])
+    assert out.stat().st_size < src.stat().st_size
