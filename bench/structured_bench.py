@@ -94,6 +94,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--models", default="minilm_legacy,minilm_dynamo,ppocr_rec")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the committed rows of the models not in --models (rerun one model)")
     ap.add_argument("--shared-models", type=Path, default=BENCH.parent.parent / "shared" / "models")
     ap.add_argument("--cache", type=Path, default=BENCH / ".cache")
     args = ap.parse_args()
@@ -160,6 +162,9 @@ def main():
     for i, src, out, feeds in latency_jobs:  # all timing after all building: one thing at a time
         rows[i]["latency"] = round(rb.latency(src, out, feeds, args.rounds, args.warmup)[0], 3)
         print(rows[i]["run"], rows[i]["latency"], flush=True)
+    if args.keep_others and (BENCH / "structured.json").exists():  # the rows of models not rerun now
+        kept = [r for r in json.loads((BENCH / "structured.json").read_text())["rows"] if r["model"] not in wanted]
+        rows = kept + rows
     write(rows, args)
 
 

@@ -51,6 +51,7 @@ class Group:
     cuts: list[Cut] = field(default_factory=list)
     consumers: list[int] = field(default_factory=list)  # linear layers reading the units (input rows/channels)
     consumer_reads: list[str] = field(default_factory=list)  # the tensor each consumer reads
+    consumer_offsets: list = field(default_factory=list)  # where the units start in it (None: it is the group's)
     attrs: list[tuple[int, str]] = field(default_factory=list)  # (node, attribute) equal to the unit count
     reshapes: list[tuple[int, int]] = field(default_factory=list)  # (node, position) spelling units * scale
     reshape_scale: list[int] = field(default_factory=list)
@@ -362,6 +363,7 @@ def _read_by(f: Finder, g: Group, consumer: gs.Node, scores: gs.Node) -> Group:
     g.cuts.append(Cut(f.node_index(consumer), 1, 0))
     g.consumers.append(f.node_index(consumer))
     g.consumer_reads.append(consumer.inputs[0].name)
+    g.consumer_offsets.append(None)
     g.attention.append(f.node_index(scores))
     g.refit = _consumer_bias(f, consumer)
     return g
@@ -444,8 +446,8 @@ def _walk(f: Finder, start: gs.Node, taken: set) -> Group | str | None:
         g.cuts.append(Cut(idx(node), j, axis + len(shape)))
         return None
 
-    def linear(node: gs.Node, k: str, output: bool) -> str | None:
-        """Cut a producer's output units (and its bias) or a consumer's input units."""
+    def linear(node: gs.Node, k: str, output: bool, offset: int = 0) -> str | None:
+        """Cut a producer's output units (and its bias) or a consumer's input units (from `offset`)."""
         if (k == "conv") != (kind == "conv"):
             return f"{label}: {node.op} {node.name} holds the units on another axis"
         wt, i = node.inputs[1], idx(node)
@@ -453,7 +455,7 @@ def _walk(f: Finder, start: gs.Node, taken: set) -> Group | str | None:
             return f"{label}: {node.op} {node.name} has no constant weight"
         if k == "conv" and node.attrs.get("group", 1) != 1:
             return f"{label}: grouped Conv {node.name}"
-        g.cuts.append(Cut(i, 1, _weight_axis(node, k, output)))
+        g.cuts.append(Cut(i, 1, _weight_axis(node, k, output), offset))
         if output and k != "matmul" and len(node.inputs) > 2 and node.inputs[2].name:
             if not is_constant(node.inputs[2]):
                 return f"{label}: {node.op} {node.name} has a computed bias"
@@ -542,11 +544,43 @@ def _walk(f: Finder, start: gs.Node, taken: set) -> Group | str | None:
             if i not in g.consumers:
                 g.consumers.append(i)
                 g.consumer_reads.append(t.name)
+                g.consumer_offsets.append(None)
                 g.reads = t.name
             return None
+        if node.op == "Concat" and node.domain in STANDARD_DOMAINS:
+            return concat(node, t)
         if id(node) in seen_nodes:
             return None
         return channelwise(node)
+
+    def concat(node: gs.Node, t: gs.Tensor) -> str | None:
+        """A Concat along the units' axis read only by linear layers: they lose the units' input
+        positions, shifted by the channels before t (no refit: they read other channels too)."""
+        out = node.outputs[0]
+        rank = len(t.shape) if t.shape is not None else (-axis + 1 if kind == "conv" else None)
+        cat = node.attrs.get("axis", 0)
+        if rank is None or (cat if cat < 0 else cat - rank) != axis or sum(x is t for x in node.inputs) != 1:
+            return f"{label}: read by Concat {node.name} on another axis"
+        offset = 0
+        for x in node.inputs:
+            if x is t:
+                break
+            if x.shape is None or len(x.shape) != rank or not isinstance(x.shape[axis], int):
+                return f"{label}: Concat {node.name} joins an input of unknown channels"
+            offset += x.shape[axis]
+        if id(out) in f.outputs or not out.outputs:
+            return f"{label}: Concat {node.name} is a graph output"
+        for reader in out.outputs:
+            k = _kind_linear(reader)
+            if k is None or (k == "conv" and _depthwise(reader)) or reader.inputs[0] is not out:
+                return f"{label}: read by Concat {node.name}, then by {reader.op} {reader.name}"
+            if err := linear(reader, k, output=False, offset=offset):
+                return err
+            g.consumers.append(idx(reader))
+            g.consumer_reads.append(out.name)
+            g.consumer_offsets.append(offset)
+        g.tensors.append(out.name)
+        return None
 
     if err := produce(start):
         return err
@@ -564,10 +598,9 @@ def _walk(f: Finder, start: gs.Node, taken: set) -> Group | str | None:
     if not g.consumers:
         return f"{label}: no layer reads its units"
     taken.update(g.producers)
-    if len(g.consumers) == 1 and _kind_linear(f.graph.nodes[g.consumers[0]]) in ("matmul", "gemm"):
-        g.refit = _consumer_bias(f, f.graph.nodes[g.consumers[0]])
-    elif len(g.consumers) == 1 and _pointwise_conv(f.graph.nodes[g.consumers[0]]):
-        g.refit = _consumer_bias(f, f.graph.nodes[g.consumers[0]])
+    only = f.graph.nodes[g.consumers[0]] if len(g.consumers) == 1 and g.consumer_offsets[0] is None else None
+    if only is not None and (_kind_linear(only) in ("matmul", "gemm") or _pointwise_conv(only)):
+        g.refit = _consumer_bias(f, only)
     return g
 
 

@@ -145,13 +145,12 @@ def _augmented(graph: gs.Graph, g: Group) -> np.ndarray:
     return w if b is None else np.vstack([w, b[None]])
 
 
-def _damped_inverse(gram: np.ndarray) -> np.ndarray:
+def _damped(gram: np.ndarray) -> np.ndarray:
+    """G with inputs that never varied given a unit diagonal, plus DAMP of its mean diagonal."""
     h = gram.copy()
-    d = np.diag(h).copy()
-    dead = d == 0
+    dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    h += DAMP * np.mean(np.diag(h)) * np.eye(len(h))
-    return np.linalg.inv(h)
+    return h + DAMP * np.mean(np.diag(h)) * np.eye(len(h))
 
 
 @dataclass
@@ -186,7 +185,7 @@ def curve(graph: gs.Graph, g: Group, st: Stats) -> Curve:
     # Wanda: |W| times the input's activation norm, summed over the consumers
     score = np.zeros(g.units)
     total = 0.0
-    for ci in g.consumers:
+    for ci, offset in zip(g.consumers, g.consumer_offsets):
         node = graph.nodes[ci]
         w = np.asarray(values(node.inputs[1]), np.float64)
         if node.op == "Conv":
@@ -198,6 +197,8 @@ def curve(graph: gs.Graph, g: Group, st: Stats) -> Curve:
         e = st.energy.get(ci)
         if e is None or len(e) != len(per_in):
             e = np.ones_like(per_in)
+        if offset is not None:  # through a Concat: the group's channels from `offset`
+            per_in, e = per_in[offset:offset + g.units * g.width], e[offset:offset + g.units * g.width]
         contrib = (per_in * e).reshape(g.units, g.width).sum(axis=1)
         score += contrib
         total += contrib.sum()
@@ -209,7 +210,7 @@ def curve(graph: gs.Graph, g: Group, st: Stats) -> Curve:
 def _obs_curve(graph: gs.Graph, g: Group, st: Stats, c: int, most: int) -> Curve:
     w = _augmented(graph, g).copy()
     base = float(np.einsum("kn,kj,jn->", w, st.gram, w)) or 1.0
-    hinv = _damped_inverse(st.gram)
+    hinv = np.linalg.inv(_damped(st.gram))
     width = g.width
     active = np.ones(g.units, bool)
     order: list[int] = []
@@ -247,10 +248,7 @@ def refit(graph: gs.Graph, g: Group, st: Stats, removed: list[int]) -> tuple[np.
     w = _augmented(graph, g)
     rows = np.concatenate([np.arange(u * g.width, (u + 1) * g.width) for u in removed])
     keep = np.setdiff1d(np.arange(len(w)), rows)
-    h = st.gram.copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    h += DAMP * np.mean(np.diag(h)) * np.eye(len(h))
+    h = _damped(st.gram)
     w = w.copy()
     w[keep] += np.linalg.solve(h[np.ix_(keep, keep)], st.gram[np.ix_(keep, rows)] @ w[rows])
     if g.refit[1] is None:
@@ -270,7 +268,7 @@ def unit_params(graph: gs.Graph, g: Group) -> int:
 def unit_macs(graph: gs.Graph, g: Group, st: Stats) -> float:
     """Multiply-adds per sample one unit costs: its producers, consumers, depthwise steps and attention."""
     macs = st.scores
-    for i in g.producers + g.consumers + [n for n, _ in g.attrs]:
+    for i in dict.fromkeys(g.producers + g.consumers + [n for n, _ in g.attrs]):
         node = graph.nodes[i]
         w = node.inputs[1].shape
         pos = st.positions.get(node.outputs[0].name, 0.0)
@@ -283,7 +281,7 @@ def unit_macs(graph: gs.Graph, g: Group, st: Stats) -> float:
             fan_out = (w[0] * int(np.prod(w[2:]))) if node.op == "Conv" else (
                 w[0] if node.op == "Gemm" and node.attrs.get("transB", 0) else w[1])
             macs += pos * fan_out * g.width
-        else:  # depthwise
+        elif node.op == "Conv":  # depthwise
             macs += pos * int(np.prod(w[2:]))
     return macs
 

@@ -257,17 +257,43 @@ def test_conv_groups_through_batchnorm_depthwise_and_a_residual_add():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_a_concat_leaves_its_inputs_channels_alone():
+def concatnet(relu_after=False):
+    """convnet with the residual Add replaced by a Concat along channels (6 + 6 -> 12)."""
     proto = convnet()
-    node = proto.graph.node[8]  # Add -> Concat along channels: the consumer sees 12 channels
+    node = proto.graph.node[8]
     node.op_type = "Concat"
     node.attribute.append(oh.make_attribute("axis", 1))
     proto.graph.node[10].input[1] = "c3c"
     proto.graph.initializer.append(t("c3c", w(4, 12, 3, 3, seed=12)))
+    if not relu_after:
+        proto.graph.node[10].input[0] = "b2"
+        del proto.graph.node[9]
+    return proto
+
+
+def test_a_concat_shifts_each_input_groups_channels_in_its_reader():
+    proto = concatnet()
     m = import_model(proto)
     groups, skipped = find_groups(m.graph)
+    assert sorted(g.label for g in groups) == ["conv1", "conv2", "convA"], skipped
+    by = {g.label: g for g in groups}
+    assert by["conv2"].consumer_offsets == [0] and by["convA"].consumer_offsets == [6]
+    assert by["convA"].refit is None  # the reader sees other channels too
+    gi = {g.label: i for i, g in enumerate(groups)}
+    out = pruned(proto, {gi["conv2"]: [1], gi["convA"]: [2, 5]})
+    assert inits(out)["c3c"].shape == (4, 9, 3, 3) and inits(out)["ca"].shape == (4, 3, 1, 1)
+    c3c = inits(proto)["c3c"].copy()
+    c3c[:, [1, 8, 11]] = 0
+    feeds = {"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(out, feeds)["y"], run(with_inits(proto, c3c=c3c), feeds)["y"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_concat_read_by_anything_but_linear_layers_is_left_alone():
+    m = import_model(concatnet(relu_after=True))
+    groups, skipped = find_groups(m.graph)
     assert [g.label for g in groups] == ["conv1"]
-    assert any("read by Concat" in r for r in skipped.values())
+    assert "conv2: read by Concat , then by Relu " in skipped.values()
 
 
 # ------------------------------------------------------------------------------- reconstruction
