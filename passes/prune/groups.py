@@ -56,7 +56,7 @@ class Group:
     reshapes: list[tuple[int, int]] = field(default_factory=list)  # (node, position) spelling units * scale
     reshape_scale: list[int] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)  # tensors whose shape shrinks (cleared, then inferred again)
-    reads: str = ""  # the tensor the consumers read (its Gram drives importance and the refit)
+    reads: str = ""  # the tensor the refitted consumer reads (its Gram drives importance and the refit)
     refit: tuple | None = None  # the one consumer that can be refitted: (node, its bias (node, input) or None)
     producers: list[int] = field(default_factory=list)
     attention: list[int] = field(default_factory=list)  # score MatMuls (heads): their work goes with the heads
@@ -545,7 +545,6 @@ def _walk(f: Finder, start: gs.Node, taken: set) -> Group | str | None:
                 g.consumers.append(i)
                 g.consumer_reads.append(t.name)
                 g.consumer_offsets.append(None)
-                g.reads = t.name
             return None
         if node.op == "Concat" and node.domain in STANDARD_DOMAINS:
             return concat(node, t)
@@ -598,9 +597,15 @@ def _walk(f: Finder, start: gs.Node, taken: set) -> Group | str | None:
     if not g.consumers:
         return f"{label}: no layer reads its units"
     taken.update(g.producers)
-    only = f.graph.nodes[g.consumers[0]] if len(g.consumers) == 1 and g.consumer_offsets[0] is None else None
-    if only is not None and (_kind_linear(only) in ("matmul", "gemm") or _pointwise_conv(only)):
-        g.refit = _consumer_bias(f, only)
+    # the refit: of the consumers reading the units alone, the largest MatMul, Gemm or 1x1 Conv
+    # (an SE block's squeeze or a second reader of a residual stream keeps its weights)
+    fits = [(int(np.prod(f.graph.nodes[i].inputs[1].shape)), i, read)
+            for i, read, offset in zip(g.consumers, g.consumer_reads, g.consumer_offsets)
+            if offset is None and (_kind_linear(f.graph.nodes[i]) in ("matmul", "gemm")
+                                   or _pointwise_conv(f.graph.nodes[i]))]
+    if fits:
+        _, i, g.reads = max(fits)
+        g.refit = _consumer_bias(f, f.graph.nodes[i])
     return g
 
 

@@ -335,14 +335,20 @@ def apply(model, groups: list[Group], stats: list[Stats], plan: dict[int, list[i
         node.inputs[j] = gs.Constant(node.inputs[j].name, np.ascontiguousarray(arr))
 
 
-QUANT_SHARE = 0.25  # of the loss budget (1 - --min-cosine) left to a quant pass after prune
+# of the loss budget (1 - --min-cosine), what prune leaves to a quant pass after it, by quant mode:
+# dynamic INT8 costs MiniLM 0.003 of cosine where the budget allows 0.01-0.04 (bench/int8.md),
+# float16 less still; static and int4 lose more
+QUANT_SHARE = {"dynamic": 0.1, "fp16": 0.05, "mixed": 0.05}
+QUANT_SHARE_OTHER = 0.25
 REFERENCE_LEVEL = 0.5  # of its removable units, where each group's loss is measured alone
 MAX_MEASURED = 48  # above this many groups, local errors alone rank them
 
 
 def budget_share(ctx) -> float:
     """The share of the loss budget prune may spend: all of it, less QUANT_SHARE when quant follows."""
-    return 1.0 - QUANT_SHARE if "quant" in ctx.passes else 1.0
+    if "quant" not in ctx.passes:
+        return 1.0
+    return 1.0 - QUANT_SHARE.get(ctx.quant, QUANT_SHARE_OTHER)
 
 
 def run_structured(model, ctx) -> Counter:

@@ -408,11 +408,12 @@ def test_nothing_to_prune_changes_nothing():
     assert not res.passes[-1].counts and res.details["prune"]["groups"] == []
 
 
-def test_prune_leaves_a_quarter_of_the_budget_to_quant_after_it():
-    res = onnxopt.optimize(block(), passes=["prune", "quant"], prune="structured", quant="dynamic", min_cosine=0.9,
+@pytest.mark.parametrize("quant, share", [("dynamic", 0.9), ("static", 0.75)])
+def test_prune_leaves_part_of_the_budget_to_quant_after_it(quant, share):
+    res = onnxopt.optimize(block(), passes=["prune", "quant"], prune="structured", quant=quant, min_cosine=0.9,
                            calibration_data=block_samples())
-    assert res.details["prune"]["budget"] == pytest.approx(1 - 0.75 * 0.1)
-    assert res.details["prune"]["measured_cosine"] >= 1 - 0.75 * 0.1
+    assert res.details["prune"]["budget"] == pytest.approx(1 - share * 0.1)
+    assert res.details["prune"]["measured_cosine"] >= 1 - share * 0.1
     assert min(o["cosine"] for o in res.verification["outputs"]) >= 0.9
 
 
