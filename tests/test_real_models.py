@@ -5,6 +5,8 @@ sentences with padding) and pins the exact counts, so a change in what the passe
 
 import os
 
+import numpy as np
+import onnx
 import pytest
 
 import onnxopt
@@ -98,3 +100,31 @@ def test_deterministic_and_idempotent(name, passes, target, max_opset, tmp_path)
     again = onnxopt.optimize(tmp_path / "a.onnx", tmp_path / "c.onnx", **kw)
     assert [r.counts for r in again.passes] == [{}] * len(passes)
     assert again.after["nodes"] == first.after["nodes"]
+
+
+@pytest.mark.parametrize("name, target, groups, kinds", [
+    (MINILM["legacy"], "onnx", 12, {"heads", "neurons"}), (MINILM["dynamo"], "onnx", 12, {"heads", "neurons"}),
+    (MINILM["legacy"], "ort", 12, {"heads", "neurons"}),
+    ("mobilenet_v2_unfoldedbn_op17.onnx", "onnx", 24, {"channels"}),
+    ("ch_PP-OCRv4_rec_infer.onnx", "onnx", 22, {"channels", "neurons"})])
+def test_structured_pruning_shrinks_and_runs(name, target, groups, kinds, tmp_path):
+    """Every group kind on real graphs: heads (unfused and onnxruntime's Attention), FFN neurons,
+    conv channels through BN, depthwise, residual, SE blocks and Concat; the result loads and runs."""
+    path = model_path(name)
+    if "MiniLM" in name:
+        samples = dict(np.load(os.path.join(SHARED, "sample_inputs.npz")))
+        data = [{k: v[i:i + 1] for k, v in samples.items()} for i in range(6)] * 2
+    else:
+        shape = (1, 3, 224, 224) if "mobilenet" in name else (1, 3, 48, 320)
+        rng = np.random.default_rng(0)
+        data = [{onnx.load(path, load_external_data=False).graph.input[0].name:
+                 rng.random(shape, dtype=np.float32)} for _ in range(8)]
+    result = onnxopt.optimize(path, tmp_path / "out.onnx", passes=["fold", "cleanup", "fuse", "prune"],
+                              target=target, prune="structured", sparsity=0.2, calibration_data=data,
+                              min_cosine=0.01, write_over_budget=True)
+    d = result.details["prune"]
+    assert len(d["groups"]) == groups and {r["kind"] for r in d["groups"]} == kinds
+    assert d["params_removed"] >= 0.2 * d["prunable_params"]
+    fused = onnxopt.optimize(path, passes=["fold", "cleanup", "fuse"], target=target, verify="none")
+    assert result.after["params"] == fused.after["params"] - d["params_removed"]
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)

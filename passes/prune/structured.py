@@ -394,7 +394,12 @@ def run_structured(model, ctx) -> Counter:
             levels[i] = ref
             losses[i] = c.loss * max(0.0, 1.0 - trial(levels)) / c.loss[ref]
     steps = _greedy(losses, [macs[i] * c.chunk for i, c in enumerate(curves)])
-    total_params = sum(g.units * p for g, p in zip(groups, params))
+    touched = {(c.node, c.input) for g in groups for c in g.cuts}  # a weight two groups cut counts once
+
+    def held(m) -> int:
+        return sum(int(np.prod(m.graph.nodes[i].inputs[j].shape)) for i, j in touched)
+
+    total_params = held(model)
 
     def levels_at(n: int) -> list[int]:
         levels = [0] * len(groups)
@@ -402,11 +407,20 @@ def run_structured(model, ctx) -> Counter:
             levels[i] += 1
         return levels
 
-    if ctx.sparsity is not None:
-        removed, n = 0, 0
-        while n < len(steps) and removed < ctx.sparsity * total_params:
-            removed += params[steps[n]] * curves[steps[n]].chunk
-            n += 1
+    def removed_at(n: int) -> int:  # exact, on a copy: a weight two groups cut loses less than both estimate
+        m = copy_model(model)
+        apply(m, groups, stats, plan_of(levels_at(n)), cache)
+        return total_params - held(m)
+
+    if ctx.sparsity is not None:  # the shortest prefix reaching it (bisection: removal grows with the prefix)
+        lo, hi = 0, len(steps)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if removed_at(mid) >= ctx.sparsity * total_params:
+                hi = mid
+            else:
+                lo = mid + 1
+        n = lo
         score = trial(levels_at(n))
     else:  # the longest prefix whose result keeps the budget (bisection)
         lo, hi, score = 0, len(steps), 1.0
@@ -437,7 +451,7 @@ def run_structured(model, ctx) -> Counter:
             counts["groups_pruned"] += 1
     all_macs = float(sum(macs[i] * g.units for i, g in enumerate(groups)))
     removed_macs = float(sum(r["macs_removed"] for r in rows))
-    removed_params = int(sum(r["params_removed"] for r in rows))
+    removed_params = total_params - held(model)
     ctx.details["prune"] = {"method": "structured", "sparsity": round(removed_params / max(total_params, 1), 4),
                             "groups": rows, "left_alone": list(skipped.values()),
                             "prunable_params": int(total_params), "params_removed": removed_params,
