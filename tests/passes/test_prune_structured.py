@@ -431,3 +431,11 @@ def test_cli_structured_writes_a_smaller_model_and_the_report(cli, tmp_path):
     assert d["method"] == "structured" and d["params_removed"] >= 0.3 * d["prunable_params"]
     assert sum(r["removed"] for r in d["groups"]) > 0 and all("estimated_loss" in r for r in d["groups"])
     assert out.stat().st_size < src.stat().st_size
+
+
+def test_without_calibration_data_it_says_the_ranking_rests_on_generated_inputs():
+    res = onnxopt.optimize(block(), passes=["prune"], prune="structured", sparsity=0.3, explain=True,
+                           inputs=block_samples(1)[0], verify="none")
+    assert res.details["prune"]["params_removed"] >= 0.3 * res.details["prune"]["prunable_params"]
+    assert any("no --calibration-data" in line for line in res.explain)
+    assert any("the refit is underdetermined" in line for line in res.explain)  # 12 positions, 17 inputs
