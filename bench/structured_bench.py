@@ -180,16 +180,25 @@ def main():
     for i, src, out, feeds in latency_jobs:  # all timing after all building: one thing at a time
         rows[i]["latency"] = round(rb.latency(src, out, feeds, args.rounds, args.warmup)[0], 3)
         print(rows[i]["run"], rows[i]["latency"], flush=True)
+    kept_from = None
     if args.keep_others and (BENCH / "structured.json").exists():  # the rows of models not rerun now
-        kept = [r for r in json.loads((BENCH / "structured.json").read_text())["rows"] if r["model"] not in wanted]
+        old = json.loads((BENCH / "structured.json").read_text())
+        kept = [r for r in old["rows"] if r["model"] not in wanted]
         rows = kept + rows
-    write(rows, args)
+        source = old.get("kept_from") or old["environment"]
+        kept_from = {"models": sorted({r["model"] for r in kept}), "date": source["date"],
+                     "command": source["command"]}
+    write(rows, args, kept_from)
 
 
-def write(rows, args):
+def write(rows, args, kept_from=None):
     env = rb.environment(sys.argv)
     lines = ["# Structured pruning: onnxopt --prune structured against onnxsim's apply_structured_pruning", "",
-             f"- date: {env['date']}", f"- command: `{env['command']}`",
+             f"- date: {env['date']}", f"- command: `{env['command']}`"]
+    if kept_from:
+        lines.append(f"- the rows of {', '.join(kept_from['models'])} come from an earlier run: "
+                     f"{kept_from['date']}, `{kept_from['command']}`")
+    lines += [
              f"- machine: {env['cpu']}, nproc={env['nproc']}; Python {env['python']}; "
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
              f"- MiniLM: {args.calibration} calibration sentences (onnxopt holds back a quarter for its budget "
@@ -211,7 +220,8 @@ def write(rows, args):
         lines.append(f"| {r['model']} | {r['run']} | {r.get('latency', '')} | {r.get('size', '')} | {fid} | "
                      f"{removed} | {r.get('pruned_fraction') or ''} | {r.get('seconds', '')} | {r.get('notes', '')} |")
     (BENCH / "structured.md").write_text("\n".join(lines) + "\n")
-    (BENCH / "structured.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    (BENCH / "structured.json").write_text(json.dumps({"environment": env, "kept_from": kept_from, "rows": rows},
+                                                      indent=1) + "\n")
 
 
 if __name__ == "__main__":
