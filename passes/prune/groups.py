@@ -222,6 +222,9 @@ def _attention(f: Finder, node: gs.Node) -> Group | str | None:
     v = _split_heads(f, pv.inputs[1], (0, 2, 1, 3))
     if v is None:
         return None  # not an attention block
+    if not (f.single(pv.outputs[0]) is tr_o and f.single(tr_o.outputs[0]) is merge
+            and f.single(merge.outputs[0]) is node and f.single(pv.inputs[1]) is pv):
+        return f"{label}: a head-split tensor is read elsewhere (a graph output, a cache): heads left alone"
     # the score path: Softmax(last axis) over scalars and masks that broadcast over heads
     t = pv.inputs[0]
     sm = f.producer(t)
@@ -247,6 +250,8 @@ def _attention(f: Finder, node: gs.Node) -> Group | str | None:
         if not _broadcasts_over_heads(other):
             return f"{label}: {n.op} with {other.name} that may vary per head: heads left alone"
         t = path[0]
+    if f.single(qk.inputs[0]) is not qk or f.single(qk.inputs[1]) is not qk:
+        return f"{label}: a head-split tensor is read elsewhere (a graph output, a cache): heads left alone"
     scaled: list[str] = []
     q_t = _through(f, qk.inputs[0], scaled)
     k_t = _through(f, qk.inputs[1], scaled)

@@ -173,6 +173,14 @@ def test_a_mask_that_varies_per_head_leaves_the_heads_alone():
     assert any("may vary per head" in r for r in skipped.values())
 
 
+def test_heads_whose_values_are_also_an_output_are_left_alone():
+    proto = attention()
+    proto.graph.output.append(oh.make_tensor_value_info("v3", F, None))  # a present-value cache output
+    groups, skipped = find_groups(import_model(proto).graph)
+    assert not [g for g in groups if g.kind == "heads"]
+    assert any("read elsewhere" in r for r in skipped.values())
+
+
 def fused_attention(heads=4, dh=4):
     d = heads * dh
     nodes = [oh.make_node("Attention", ["x", "wqkv", "bqkv"], ["a"], domain="com.microsoft", num_heads=heads),
