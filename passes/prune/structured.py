@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import refresh_shapes, values
+from onnxopt.graph import Names, refresh_shapes, values
 
 from ..quant.budget import Measure, copy_model
 from ..quant.calib import channel_rows, observe
@@ -291,6 +291,17 @@ def apply(model, groups: list[Group], stats: list[Stats], plan: dict[int, list[i
     graph = model.graph
     cuts: dict[tuple[int, int], dict[int, list[np.ndarray]]] = {}
     tensors = graph.tensors()
+    names = None
+
+    def put(node: gs.Node, j: int, value: np.ndarray) -> None:
+        """A new constant for the node's input j: the old one's name, unless another node reads it."""
+        nonlocal names
+        old = node.inputs[j]
+        name = old.name
+        if len(old.outputs) > 1:
+            names = names or Names(graph)
+            name = names.new(f"{old.name}_pruned")
+        node.inputs[j] = gs.Constant(name, np.ascontiguousarray(value))
     for gi, removed in plan.items():
         if not removed:
             continue
@@ -301,18 +312,15 @@ def apply(model, groups: list[Group], stats: list[Stats], plan: dict[int, list[i
                 cache[key] = refit(graph, g, stats[gi], sorted(removed))
             w, b = cache[key]
             node = graph.nodes[g.refit[0]]
-            old = node.inputs[1]
             if node.op == "Gemm" and node.attrs.get("transB", 0):
                 new = w.T
             elif node.op == "Conv":
-                new = w.T.reshape(old.shape)
+                new = w.T.reshape(node.inputs[1].shape)
             else:
                 new = w
-            node.inputs[1] = gs.Constant(old.name, np.ascontiguousarray(new, np.float32))
+            put(node, 1, new.astype(np.float32))
             if b is not None:
-                bn, bj = g.refit[1]
-                bnode = graph.nodes[bn]
-                bnode.inputs[bj] = gs.Constant(bnode.inputs[bj].name, b.astype(np.float32))
+                put(graph.nodes[g.refit[1][0]], g.refit[1][1], b.astype(np.float32))
         units = np.asarray(sorted(removed))
         pos = (units[:, None] * g.width + np.arange(g.width)[None]).ravel()
         for cut in g.cuts:
@@ -323,7 +331,7 @@ def apply(model, groups: list[Group], stats: list[Stats], plan: dict[int, list[i
             node = graph.nodes[n]
             spec = np.asarray(values(node.inputs[1])).copy()
             spec[position] -= len(removed) * scale
-            node.inputs[1] = gs.Constant(node.inputs[1].name, spec)
+            put(node, 1, spec)
         for name in g.tensors:
             if name in tensors:
                 tensors[name].shape = None
@@ -332,7 +340,7 @@ def apply(model, groups: list[Group], stats: list[Stats], plan: dict[int, list[i
         arr = np.asarray(values(node.inputs[j]))
         for axis, parts in axes.items():
             arr = np.delete(arr, np.unique(np.concatenate(parts)), axis=axis)
-        node.inputs[j] = gs.Constant(node.inputs[j].name, np.ascontiguousarray(arr))
+        put(node, j, arr)
 
 
 # of the loss budget (1 - --min-cosine), what prune leaves to a quant pass after it, by quant mode:

@@ -447,3 +447,18 @@ def test_without_calibration_data_it_says_the_ranking_rests_on_generated_inputs(
     assert res.details["prune"]["params_removed"] >= 0.3 * res.details["prune"]["prunable_params"]
     assert any("no --calibration-data" in line for line in res.explain)
     assert any("the refit is underdetermined" in line for line in res.explain)  # 12 positions, 17 inputs
+
+
+def test_a_constant_another_node_also_reads_is_copied_not_changed_for_both():
+    """A Reshape outside the group reads the heads' shape constant: it keeps the original, the group gets a copy."""
+    proto = attention(explicit=True)
+    # the V Reshape reads the same shape constant as Q and K; a second, unprunable Reshape reads it too
+    proto.graph.node.append(oh.make_node("Reshape", ["x", "split_i"], ["x4"]))
+    proto.graph.output.append(oh.make_tensor_value_info("x4", F, [1, "S", 4, 4]))
+    out = pruned(proto, {0: [0]})
+    got = inits(out)
+    reshapes = {n.output[0]: n.input[1] for n in out.graph.node if n.op_type == "Reshape"}
+    assert list(got[reshapes["x4"]]) == [0, 0, 4, 4]  # the other reader keeps the original
+    assert list(got[reshapes["q2"]]) == [0, 0, 3, 4] and reshapes["q2"] != reshapes["x4"]
+    feeds = attention_feeds()
+    assert run(out, feeds)["x4"].shape == (1, 6, 4, 4)
