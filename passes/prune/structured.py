@@ -451,6 +451,7 @@ def run_structured(model, ctx) -> Counter:
     for i, g in enumerate(groups):
         k = len(plan.get(i, []))
         rows.append({"group": g.label, "kind": g.kind, "units": g.units, "removed": k,
+                     "sparsity": round(k / g.units, 4),
                      "params_removed": int(params[i] * k), "macs_removed": float(macs[i] * k),
                      "refitted": bool(k and g.refit is not None and stats[i].gram is not None),
                      "estimated_loss": round(float(losses[i][levels[i]]), 6)})

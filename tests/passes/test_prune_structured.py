@@ -393,6 +393,7 @@ def test_the_pass_at_a_sparsity_reports_what_the_model_holds():
     assert d["params_removed"] >= 0.4 * d["prunable_params"]
     rows = {r["kind"]: r for r in d["groups"]}
     assert rows["heads"]["removed"] == 4 - heads_left and rows["neurons"]["removed"] == 32 - neurons_left
+    assert rows["neurons"]["sparsity"] == round((32 - neurons_left) / 32, 4)
     onnx.checker.check_model(res.model, full_check=True)
     feeds = block_samples(1)[0]
     assert run(res.model, feeds)["y"].shape == (1, 12, 8)
