@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import STANDARD_DOMAINS, is_constant, values
+from onnxopt.graph import STANDARD_DOMAINS, all_graphs, is_constant, subgraphs, values
 
 UNARY = {"Relu", "Sigmoid", "Tanh", "Erf", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Softplus",
          "Softsign", "Gelu", "Neg", "Abs", "Exp", "Identity", "Mish", "Celu", "ThresholdedRelu", "Clip", "Dropout",
@@ -92,6 +92,10 @@ class Finder:
         self.index = {id(n): i for i, n in enumerate(graph.nodes)}
         self.outputs = {id(t) for t in graph.outputs}
         self.inputs = {id(t) for t in graph.inputs}
+        # a tensor a subgraph (If, Loop, Scan) reads from outside is as fixed as a graph output
+        read_inside = {x.name for node in graph.nodes for sub in subgraphs(node) for g in all_graphs(sub)
+                       for n in g.nodes for x in n.inputs}
+        self.outputs |= {id(t) for name, t in graph.tensors().items() if name in read_inside}
 
     def single(self, t: gs.Tensor) -> gs.Node | None:
         """The one node reading t (None when several, none, or t is a graph output)."""
@@ -431,7 +435,7 @@ def _walk(f: Finder, start: gs.Node, taken: set) -> Group | str | None:
         if id(t) in seen_tensors:
             return None
         if id(t) in f.outputs:
-            return f"{label}: {t.name} is a graph output"
+            return f"{label}: {t.name} is a graph output or read inside a subgraph"
         if id(t) in f.inputs or is_constant(t):
             return f"{label}: {t.name} is a graph input"
         if t.shape is not None and len(t.shape) >= -axis and isinstance(t.shape[axis], int) \

@@ -242,7 +242,7 @@ def test_conv_groups_through_batchnorm_depthwise_and_a_residual_add():
     m = import_model(convnet())
     groups, skipped = find_groups(m.graph)
     by = {g.label: g for g in groups}
-    assert sorted(by) == ["conv1", "conv2"] and skipped == {"conv3": "conv3: y is a graph output"}
+    assert sorted(by) == ["conv1", "conv2"] and skipped == {"conv3": "conv3: y is a graph output or read inside a subgraph"}
     assert by["conv1"].units == 8 and [m.graph.nodes[i].name for i in by["conv1"].consumers] == ["conv2"]
     assert sorted(m.graph.nodes[i].name for i in by["conv2"].producers) == ["conv2", "convA"]
     assert [m.graph.nodes[i].name for i in by["conv2"].consumers] == ["conv3"]
@@ -463,3 +463,17 @@ def test_a_constant_another_node_also_reads_is_copied_not_changed_for_both():
     assert list(got[reshapes["q2"]]) == [0, 0, 3, 4] and reshapes["q2"] != reshapes["x4"]
     feeds = attention_feeds()
     assert run(out, feeds)["x4"].shape == (1, 6, 4, 4)
+
+
+def test_units_a_subgraph_reads_from_outside_are_left_alone():
+    """An If branch reads the FFN's activation by name: pruning it would break the branch."""
+    proto = ffn()
+    branch = oh.make_graph([oh.make_node("Identity", ["g4"], ["z"])], "then", [],
+                           [oh.make_tensor_value_info("z", F, None)])
+    other = oh.make_graph([oh.make_node("Identity", ["x"], ["z2"])], "else", [],
+                          [oh.make_tensor_value_info("z2", F, None)])
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(True), "cond"))
+    proto.graph.node.append(oh.make_node("If", ["cond"], ["side"], then_branch=branch, else_branch=other))
+    proto.graph.output.append(oh.make_tensor_value_info("side", F, None))
+    groups, skipped = find_groups(import_model(proto, shapes=False).graph)
+    assert not groups and any("graph output" in r for r in skipped.values())
