@@ -242,7 +242,8 @@ def test_conv_groups_through_batchnorm_depthwise_and_a_residual_add():
     m = import_model(convnet())
     groups, skipped = find_groups(m.graph)
     by = {g.label: g for g in groups}
-    assert sorted(by) == ["conv1", "conv2"] and skipped == {"conv3": "conv3: y is a graph output or read inside a subgraph"}
+    assert sorted(by) == ["conv1", "conv2"]
+    assert skipped == {"conv3": "conv3: y is a graph output or read inside a subgraph"}
     assert by["conv1"].units == 8 and [m.graph.nodes[i].name for i in by["conv1"].consumers] == ["conv2"]
     assert sorted(m.graph.nodes[i].name for i in by["conv2"].producers) == ["conv2", "convA"]
     assert [m.graph.nodes[i].name for i in by["conv2"].consumers] == ["conv3"]
@@ -394,6 +395,13 @@ def test_the_pass_at_a_sparsity_reports_what_the_model_holds():
     rows = {r["kind"]: r for r in d["groups"]}
     assert rows["heads"]["removed"] == 4 - heads_left and rows["neurons"]["removed"] == 32 - neurons_left
     assert rows["neurons"]["sparsity"] == round((32 - neurons_left) / 32, 4)
+    # the multiply-adds of every MatMul on the sample (S = 12): 3 projections, QK^T, PV, the output
+    # projection, the FFN's two layers
+    heads = 4 - counts.get("heads_removed", 0)
+    s, width = 12, heads * 4
+    want = 3 * s * 16 * width + 2 * heads * s * s * 4 + s * width * 8 + 2 * s * 8 * neurons_left
+    assert d["model_macs"]["after"] == want
+    assert d["model_macs"]["before"] == 3 * s * 16 * 16 + 2 * 4 * s * s * 4 + s * 16 * 8 + 2 * s * 8 * 32
     onnx.checker.check_model(res.model, full_check=True)
     feeds = block_samples(1)[0]
     assert run(res.model, feeds)["y"].shape == (1, 12, 8)
