@@ -25,13 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+import int8_bench as ib  # noqa: E402
 import ocr_data  # noqa: E402
 import run_bench as rb  # noqa: E402
+import static_bench  # noqa: E402
 import text_data  # noqa: E402
 
 import onnxopt  # noqa: E402
@@ -40,25 +41,6 @@ MINILM_BUDGETS = (0.99, 0.98, 0.95, 0.90)
 ONNXSIM_MINILM = (0.1, 0.25, 0.5)
 REC_SPARSITY = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 FUSED = ["fold", "cleanup", "fuse"]
-
-
-def embeddings(path, feeds):
-    s = rb.session(path, None)
-    names = {i.name for i in s.get_inputs()}
-    return [s.run(["sentence_embedding"], {k: v for k, v in f.items() if k in names})[0][0] for f in feeds]
-
-
-def rec_outputs(path, feeds):
-    s = rb.session(path, None)
-    return [s.run(None, f)[0] for f in feeds]
-
-
-def cosines(ref, got):
-    return [float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(ref, got)]
-
-
-def agreement(ref, got):
-    return float(np.mean(np.concatenate([(np.argmax(a, -1) == np.argmax(b, -1)).ravel() for a, b in zip(ref, got)])))
 
 
 def onnxopt_run(src, out, passes, calibration, **kw):
@@ -126,7 +108,7 @@ def main():
         names = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
         cal = [{k: v for k, v in f.items() if k in names} for f in calibration]
         ev = [{k: v for k, v in f.items() if k in names} for f in evaluation]
-        ref = embeddings(src, ev)
+        ref = ib.outputs(src, ev)
         lat = {k: v for k, v in rb.latency_feeds(ev[0]).items() if k in names}
         runs = [(f"onnxopt structured, --min-cosine {c}", ["prune"], {"prune": "structured", "min_cosine": c})
                 for c in MINILM_BUDGETS]
@@ -148,8 +130,8 @@ def main():
             else:
                 row.update(onnxsim_run(fused20, out, kw))
             if "notes" not in row:
-                c = cosines(ref, embeddings(out, ev))
-                row.update(cosine_mean=round(float(np.mean(c)), 4), cosine_worst=round(float(np.min(c)), 4),
+                fid = ib.fidelity(ref, ib.outputs(out, ev))
+                row.update(cosine_mean=round(fid["emb_mean"], 4), cosine_worst=round(fid["emb_min"], 4),
                            size=round(out.stat().st_size / src.stat().st_size, 3))
                 latency_jobs.append((len(rows), src, out, lat))
             rows.append(row)
@@ -161,7 +143,7 @@ def main():
         cal_s, ev_s = text_data.split(1500, 1500)
         cal = ocr_data.make("rec", cal_s, args.rec_calibration, 1)
         ev = ocr_data.make("rec", ev_s, args.rec_evaluation, 2)
-        ref = rec_outputs(src, ev)
+        ref = static_bench.outputs(src, ev)
         fused = work / "ppocr_rec.fused.onnx"
         onnxopt.optimize(str(src), str(fused), passes=FUSED, verify="none")
         for s in REC_SPARSITY:
@@ -171,7 +153,8 @@ def main():
                 row.update(onnxopt_run(src, out, ["prune"], cal, prune="structured", sparsity=s)
                            if tool == "onnxopt" else onnxsim_run(fused, out, s))
                 if "notes" not in row:
-                    row.update(agreement=round(agreement(ref, rec_outputs(out, ev)), 4),
+                    fid = static_bench.fidelity("rec", ref, static_bench.outputs(out, ev))
+                    row.update(agreement=round(fid["agreement"], 4),
                                size=round(out.stat().st_size / src.stat().st_size, 3))
                     latency_jobs.append((len(rows), src, out, ev[0]))
                 rows.append(row)

@@ -75,8 +75,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     """Run the selected passes on a model file or ModelProto, verify, and write `output` atomically.
 
     quant: the quant pass's mode: fp16, mixed, dynamic, static, int8 or int4.
-    prune: the prune pass's method: structured, unstructured or 2:4. sparsity: unstructured's fraction of
-    each layer's weights (None: the largest the budget allows).
+    prune: the prune pass's method: structured, unstructured or 2:4. sparsity: structured and
+    unstructured: the fraction of the prunable layers' weights to remove (None: the most the budget allows).
     calibration_data: an .npz (one array per input, first axis = samples), a folder of .npz files
     (one sample each), or an iterable of feed dicts.
     min_cosine: the error budget of lossy passes: every output's cosine against the original

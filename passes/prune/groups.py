@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import STANDARD_DOMAINS, all_graphs, is_constant, subgraphs, values
+from onnxopt.graph import STANDARD_DOMAINS, all_graphs, is_constant, producer, subgraphs, values
 
 UNARY = {"Relu", "Sigmoid", "Tanh", "Erf", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Softplus",
          "Softsign", "Gelu", "Neg", "Abs", "Exp", "Identity", "Mish", "Celu", "ThresholdedRelu", "Clip", "Dropout",
@@ -53,8 +53,7 @@ class Group:
     consumer_reads: list[str] = field(default_factory=list)  # the tensor each consumer reads
     consumer_offsets: list = field(default_factory=list)  # where the units start in it (None: it is the group's)
     attrs: list[tuple[int, str]] = field(default_factory=list)  # (node, attribute) equal to the unit count
-    reshapes: list[tuple[int, int]] = field(default_factory=list)  # (node, position) spelling units * scale
-    reshape_scale: list[int] = field(default_factory=list)
+    reshapes: list[tuple[int, int, int]] = field(default_factory=list)  # (node, position, scale): units * scale
     tensors: list[str] = field(default_factory=list)  # tensors whose shape shrinks (cleared, then inferred again)
     reads: str = ""  # the tensor the refitted consumer reads (its Gram drives importance and the refit)
     refit: tuple | None = None  # the one consumer that can be refitted: (node, its bias (node, input) or None)
@@ -103,9 +102,6 @@ class Finder:
             return None
         return t.outputs[0]
 
-    def producer(self, t: gs.Tensor) -> gs.Node | None:
-        return t.inputs[0] if t.inputs else None
-
     def node_index(self, node: gs.Node) -> int:
         return self.index[id(node)]
 
@@ -144,13 +140,13 @@ def find_groups(graph: gs.Graph) -> tuple[list[Group], dict[str, str]]:
 
 def _linear_with_bias(f: Finder, t: gs.Tensor) -> tuple[gs.Node, gs.Node | None, int] | None:
     """t = x @ W (+ b): (the MatMul, the bias Add or None, the bias input index)."""
-    node = f.producer(t)
+    node = producer(t)
     add, b_index = None, 0
     if node is not None and node.op == "Add" and node.domain in STANDARD_DOMAINS:
         for j, other in ((0, 1), (1, 0)):
             if is_constant(node.inputs[j]) and len(node.inputs[j].shape) == 1 and node.inputs[other].inputs:
                 add, b_index = node, j
-                node = f.producer(node.inputs[other])
+                node = producer(node.inputs[other])
                 break
         else:
             return None
@@ -166,7 +162,7 @@ def _through(f: Finder, t: gs.Tensor, passed: list) -> gs.Tensor | None:
     """Up from t through single-reader scalar Mul/Div (returns the tensor above them; the tensors
     passed go to `passed`)."""
     while True:
-        node = f.producer(t)
+        node = producer(t)
         if node is None or node.op not in ("Mul", "Div") or len(node.inputs) != 2:
             return t
         k = 1 if is_constant(node.inputs[1]) else 0 if (node.op == "Mul" and is_constant(node.inputs[0])) else None
@@ -183,13 +179,13 @@ def _split_heads(f: Finder, t: gs.Tensor, perm: tuple) -> tuple[gs.Node, list[st
     """t = Transpose(perm)(Reshape(x @ W + b, [.., .., H or -1, dh])): (Reshape, the tensors from
     the Reshape's output to t, spec)."""
     passed = [t.name]
-    tr = f.producer(t)
+    tr = producer(t)
     if tr is None or tr.op != "Transpose":
         return None
     p = tuple(tr.attrs.get("perm", ()))
     src = tr.inputs[0]
     if p == (0, 1, 3, 2) and perm == (0, 2, 3, 1):  # K^T spelled as two transposes
-        inner = f.producer(src)
+        inner = producer(src)
         if inner is None or inner.op != "Transpose" or tuple(inner.attrs.get("perm", ())) != (0, 2, 1, 3):
             return None
         if f.single(src) is not tr:
@@ -198,7 +194,7 @@ def _split_heads(f: Finder, t: gs.Tensor, perm: tuple) -> tuple[gs.Node, list[st
         tr, p, src = inner, (0, 2, 1, 3), inner.inputs[0]
     if p != perm or f.single(src) is not tr:
         return None
-    rs = f.producer(src)
+    rs = producer(src)
     spec = _reshape_spec(rs) if rs is not None else None
     if spec is None or len(spec) != 4 or spec[3] <= 0 or f.single(rs.inputs[0]) is not rs:
         return None
@@ -212,14 +208,14 @@ def _attention(f: Finder, node: gs.Node) -> Group | str | None:
         return _fused_attention(f, node)
     if node.op != "MatMul" or node.domain not in STANDARD_DOMAINS or not _const2(node.inputs[1], 2):
         return None
-    merge = f.producer(node.inputs[0])
+    merge = producer(node.inputs[0])
     spec_m = _reshape_spec(merge) if merge is not None else None
     if spec_m is None or len(spec_m) != 3:
         return None
-    tr_o = f.producer(merge.inputs[0])
+    tr_o = producer(merge.inputs[0])
     if tr_o is None or tr_o.op != "Transpose" or tuple(tr_o.attrs.get("perm", ())) != (0, 2, 1, 3):
         return None
-    pv = f.producer(tr_o.inputs[0])
+    pv = producer(tr_o.inputs[0])
     if pv is None or pv.op != "MatMul" or pv.domain not in STANDARD_DOMAINS:
         return None
     label = node.name or "attention"
@@ -231,14 +227,14 @@ def _attention(f: Finder, node: gs.Node) -> Group | str | None:
         return f"{label}: a head-split tensor is read elsewhere (a graph output, a cache): heads left alone"
     # the score path: Softmax(last axis) over scalars and masks that broadcast over heads
     t = pv.inputs[0]
-    sm = f.producer(t)
+    sm = producer(t)
     if sm is None or sm.op != "Softmax" or sm.attrs.get("axis", -1) not in (-1, 3) or f.single(t) is not pv:
         return f"{label}: the attention probabilities are not a Softmax over the keys: heads left alone"
     t = sm.inputs[0]
     while True:
         if f.single(t) is None:
             return f"{label}: an attention score is read elsewhere: heads left alone"
-        n = f.producer(t)
+        n = producer(t)
         if n is None:
             return None
         if n.op == "MatMul":
@@ -292,12 +288,10 @@ def _attention(f: Finder, node: gs.Node) -> Group | str | None:
         g.producers.append(idx(m))
     for rs, passed, spec in (q, k, v):
         if spec[2] == heads:
-            g.reshapes.append((idx(rs), 2))
-            g.reshape_scale.append(1)
+            g.reshapes.append((idx(rs), 2, 1))
         g.tensors += passed
     if spec_m[2] == width:
-        g.reshapes.append((idx(merge), 2))
-        g.reshape_scale.append(dh)
+        g.reshapes.append((idx(merge), 2, dh))
     g.tensors += scaled + [pv.outputs[0].name, tr_o.outputs[0].name, merge.outputs[0].name]
     s = qk.outputs[0]
     while True:  # the score tensors carry the head axis too
@@ -410,18 +404,10 @@ def _walk(f: Finder, start: gs.Node, taken: set) -> Group | str | None:
     w = start.inputs[1]
     if not _const2(w) or id(w) in f.inputs:
         return None
-    if kind == "conv":
-        if start.attrs.get("group", 1) != 1 or len(w.shape) < 3:
-            return None
-        units, axis = w.shape[0], -(len(w.shape) - 1)
-    elif kind == "gemm":
-        if len(w.shape) != 2:
-            return None
-        units, axis = (w.shape[0] if start.attrs.get("transB", 0) else w.shape[1]), -1
-    else:
-        if len(w.shape) != 2:
-            return None
-        units, axis = w.shape[1], -1
+    if (start.attrs.get("group", 1) != 1 or len(w.shape) < 3) if kind == "conv" else len(w.shape) != 2:
+        return None
+    units = w.shape[_weight_axis(start, kind, output=True)]
+    axis = -(len(w.shape) - 1) if kind == "conv" else -1
     if units < 4:
         return None
     label = start.name or f"{start.op}#{f.node_index(start)}"
@@ -596,7 +582,7 @@ def _walk(f: Finder, start: gs.Node, taken: set) -> Group | str | None:
         return err
     while work:
         t = work.pop()
-        p = f.producer(t)
+        p = producer(t)
         if p is not None and id(p) not in seen_nodes:
             if err := produce(p):
                 return err

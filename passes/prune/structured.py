@@ -160,7 +160,6 @@ class Curve:
     order: list[int]
     chunk: int
     loss: np.ndarray  # [levels]: relative error with 0, chunk, 2 chunk ... units removed
-    max_units: int
 
 
 def chunk_size(g: Group) -> int:
@@ -204,7 +203,7 @@ def curve(graph: gs.Graph, g: Group, st: Stats) -> Curve:
         total += contrib.sum()
     order = [int(u) for u in np.argsort(score, kind="stable")][:most]
     cum = np.concatenate([[0.0], np.cumsum(score[order])]) / (total or 1.0)
-    return Curve(order, c, cum[::c][: most // c + 1], most)
+    return Curve(order, c, cum[::c][: most // c + 1])
 
 
 def _obs_curve(graph: gs.Graph, g: Group, st: Stats, c: int, most: int) -> Curve:
@@ -239,7 +238,7 @@ def _obs_curve(graph: gs.Graph, g: Group, st: Stats, c: int, most: int) -> Curve
         order += take
         while len(cum) * c <= len(order):
             cum.append(err / base)  # exact at multiples of the chunk: step divides it
-    return Curve(order, c, np.array(cum[: most // c + 1]), most)
+    return Curve(order, c, np.array(cum[: most // c + 1]))
 
 
 def refit(graph: gs.Graph, g: Group, st: Stats, removed: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -327,7 +326,7 @@ def apply(model, groups: list[Group], stats: list[Stats], plan: dict[int, list[i
             cuts.setdefault((cut.node, cut.input), {}).setdefault(cut.axis, []).append(pos + cut.offset)
         for n, attr in g.attrs:
             graph.nodes[n].attrs[attr] = int(graph.nodes[n].attrs[attr]) - len(removed)
-        for (n, position), scale in zip(g.reshapes, g.reshape_scale):
+        for n, position, scale in g.reshapes:
             node = graph.nodes[n]
             spec = np.asarray(values(node.inputs[1])).copy()
             spec[position] -= len(removed) * scale
