@@ -201,7 +201,9 @@ def sensitivity(model, sites: list[Site], hessians: dict, measure: Measure, rewr
     """Per layer and level of LEVELS, the estimated loss (1 - cosine) of pruning that layer alone:
     its local output error on the calibration inputs (tr(D^T H D) / tr(W^T H W), D the removed
     part after the refit) scaled to the loss measured end to end with it alone at REFERENCE. Layers
-    differ by far more than their local errors show (a late layer's error reaches the outputs)."""
+    differ by far more than their local errors show (a late layer's error reaches the outputs).
+    The local errors come from SparseGPT's compensation without the exact refit (eight levels per
+    layer would cost eight refits); only their shape matters once scaled."""
     nodes = model.graph.nodes
     local = np.zeros((len(sites), len(LEVELS)))
     for i, site in enumerate(sites):
@@ -209,7 +211,7 @@ def sensitivity(model, sites: list[Site], hessians: dict, measure: Measure, rewr
         h = hessians.get(nodes[site.index].inputs[0].name)
         base = float(np.einsum("kn,kj,jn->", w, h, w)) or 1.0
         for j, level in enumerate(LEVELS[1:], 1):
-            d = (w - sparse.prune(w, h, level)[0]).astype(np.float64)
+            d = (w - sparse.prune(w, h, level, solve=False)[0]).astype(np.float64)
             local[i, j] = float(np.einsum("kn,kj,jn->", d, h, d)) / base
     if len(sites) > MAX_MEASURED:
         ctx.log(f"prune: {len(sites)} layers: their sensitivity is their local error (measured end to end "

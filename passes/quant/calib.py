@@ -65,15 +65,21 @@ def input_products(model, names: list[str], samples: list[dict]) -> dict[str, np
     return products
 
 
-def inverse_factor(h: np.ndarray, k: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """(the upper Cholesky factor of H^-1, or None where H stays singular, and the dead inputs):
-    H [<=k, <=k] is padded with zeros to [k, k]; inputs that never varied (zero diagonal, and the
-    padding) get a unit diagonal, and H is damped by DAMP of its mean diagonal."""
+def damped(h: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(H padded with zeros to [k, k], inputs that never varied (zero diagonal, and the padding)
+    given a unit diagonal and the whole damped by DAMP of its mean diagonal; the dead inputs)."""
     hh = np.zeros((k, k))
     hh[:h.shape[0], :h.shape[0]] = h
     dead = np.diag(hh) == 0
     hh[dead, dead] = 1.0
     hh += DAMP * np.mean(np.diag(hh)) * np.eye(k)
+    return hh, dead
+
+
+def inverse_factor(h: np.ndarray, k: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(the upper Cholesky factor of H^-1 for H [<=k, <=k] damped as `damped` does, or None where
+    H stays singular; the dead inputs)."""
+    hh, dead = damped(h, k)
     try:
         return np.linalg.cholesky(np.linalg.inv(hh)).T, dead
     except np.linalg.LinAlgError:

@@ -10,6 +10,7 @@ import onnxopt
 from models.builders import run
 from onnxopt.errors import UsageError
 from onnxopt.passes.prune import sparse
+from onnxopt.passes.quant.calib import damped
 
 F = onnx.TensorProto.FLOAT
 
@@ -84,6 +85,31 @@ def test_reconstruction_lowers_the_output_error():
     assert err(refit) < 0.5 * err(by_magnitude)  # measured 0.22: the inputs' scales matter
     refit24, mask24 = sparse.prune(w, x.T @ x, n_m=(2, 4))
     assert err(refit24) < 0.9 * err(np.where(mask24, 0, w))  # measured 0.76
+
+
+@pytest.mark.parametrize("n_m", [None, (2, 4)])
+def test_refit_solves_each_outputs_least_squares_on_its_mask(n_m):
+    """The kept weights satisfy the damped normal equations on their own inputs (the exact
+    least-squares fit of the dense layer), so they beat SparseGPT's greedy compensation on the
+    same mask; an input that never varies gets no weight."""
+    x, w = correlated()
+    x[:, 5] = 0.0
+    h = x.T @ x
+    solved, mask = sparse.prune(w, h, 0.5, n_m)
+    greedy, same = sparse.prune(w, h, 0.5, n_m, solve=False)
+    assert np.array_equal(mask, same) and np.array_equal(solved == 0, mask | (np.arange(64) == 5)[:, None])
+    hh, dead = damped(h, 64)
+    assert list(np.flatnonzero(dead)) == [5]
+    for j in range(w.shape[1]):
+        kept = ~mask[:, j]
+        lhs = hh[np.ix_(kept, kept)] @ solved[kept, j]
+        rhs = (hh @ np.where(dead, 0, w[:, j]))[kept]
+        assert np.linalg.norm(lhs - rhs) < 1e-5 * np.linalg.norm(rhs)
+
+    def err(v):
+        return np.linalg.norm(x @ w - x @ v)
+
+    assert err(solved) < 0.9 * err(greedy)  # measured 0.82 unstructured, 0.86 for 2:4
 
 
 # ---------------------------------------------------------------------------------- the pass
