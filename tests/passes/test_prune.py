@@ -87,16 +87,17 @@ def test_reconstruction_lowers_the_output_error():
     assert err(refit24) < 0.9 * err(np.where(mask24, 0, w))  # measured 0.76
 
 
-@pytest.mark.parametrize("n_m", [None, (2, 4)])
-def test_refit_solves_each_outputs_least_squares_on_its_mask(n_m):
+@pytest.mark.parametrize("sparsity, n_m", [(0.5, None), (0.3, None), (0.7, None), (0.5, (2, 4))])
+def test_refit_solves_each_outputs_least_squares_on_its_mask(sparsity, n_m):
     """The kept weights satisfy the damped normal equations on their own inputs (the exact
-    least-squares fit of the dense layer), so they beat SparseGPT's greedy compensation on the
-    same mask; an input that never varies gets no weight."""
+    least-squares fit of the dense layer), whether solved through the removed inputs (fewer than
+    half removed) or the kept ones, so they beat SparseGPT's greedy compensation on the same
+    mask; an input that never varies gets no weight."""
     x, w = correlated()
     x[:, 5] = 0.0
     h = x.T @ x
-    solved, mask = sparse.prune(w, h, 0.5, n_m)
-    greedy, same = sparse.prune(w, h, 0.5, n_m, solve=False)
+    solved, mask = sparse.prune(w, h, sparsity, n_m)
+    greedy, same = sparse.prune(w, h, sparsity, n_m, solve=False)
     assert np.array_equal(mask, same) and np.array_equal(solved == 0, mask | (np.arange(64) == 5)[:, None])
     hh, dead = damped(h, 64)
     assert list(np.flatnonzero(dead)) == [5]
@@ -109,7 +110,7 @@ def test_refit_solves_each_outputs_least_squares_on_its_mask(n_m):
     def err(v):
         return np.linalg.norm(x @ w - x @ v)
 
-    assert err(solved) < 0.9 * err(greedy)  # measured 0.82 unstructured, 0.86 for 2:4
+    assert err(solved) < 0.92 * err(greedy)  # measured 0.83 at 50%, 0.75 at 30%, 0.90 at 70%, 0.85 for 2:4
 
 
 # ---------------------------------------------------------------------------------- the pass
