@@ -84,7 +84,7 @@ def refit(w: np.ndarray, h: np.ndarray, mask: np.ndarray) -> np.ndarray:
     hh, dead = damped(h, k)
     w0 = np.where(dead[:, None], 0.0, w.astype(np.float64))
     out = w0.copy()
-    removed = mask.sum(axis=0)
+    removed = np.where(np.any(mask & (w0 != 0), axis=0), mask.sum(axis=0), 0)  # 0: w is its own solution
     g = np.linalg.inv(hh) if np.any((removed > 0) & (removed <= k - removed)) else None
     for c in np.unique(removed[removed > 0]):
         cols = np.flatnonzero(removed == c)
