@@ -128,3 +128,41 @@ def test_structured_pruning_shrinks_and_runs(name, target, groups, kinds, tmp_pa
     fused = onnxopt.optimize(path, passes=["fold", "cleanup", "fuse"], target=target, verify="none")
     assert result.after["params"] == fused.after["params"] - d["params_removed"]
     onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("method", ["unstructured", "2:4"])
+def test_sparse_pruning_on_minilm(method, tmp_path):
+    """Every linear layer of MiniLM pruned to exactly half (2:4: the pattern along the reduction
+    axis), and the refit on calibration data beats magnitude pruning on the same sentences."""
+    from onnxopt.passes.prune.sparse import holds_n_m
+
+    path = model_path(MINILM["legacy"])
+    samples = dict(np.load(os.path.join(SHARED, "sample_inputs.npz")))
+    data = [{k: v[i:i + 1] for k, v in samples.items()} for i in range(len(samples["input_ids"]))]
+    kw = dict(passes=["fold", "cleanup", "fuse", "prune"], prune=method,
+              sparsity=0.5 if method == "unstructured" else None, min_cosine=0.01, write_over_budget=True,
+              options={"prune": {"adaptive": False, "fallback": False}})
+    refit = onnxopt.optimize(path, tmp_path / "refit.onnx", calibration_data=data * 2, **kw)
+    onnxopt.optimize(path, tmp_path / "magnitude.onnx", inputs=data[0], **kw)
+    d = refit.details["prune"]
+    assert len(d["layers"]) == 36 and not d["kept_dense"] and d["refitted"]
+    model = onnx.load(str(tmp_path / "refit.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = [inits[n.input[1]] for n in model.graph.node if n.name in {row["node"] for row in d["layers"]}]
+    assert len(weights) == 36
+    for w in weights:
+        assert holds_n_m(w) if method == "2:4" else np.mean(w == 0) == 0.5
+
+    def mean_cosine(out):
+        import onnxruntime as ort
+
+        sessions = [ort.InferenceSession(str(p)) for p in (out, path)]
+        values = []
+        for f in data:
+            a, b = (s.run(["sentence_embedding"], f)[0].ravel().astype(np.float64) for s in sessions)
+            values.append(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+        return float(np.mean(values))
+
+    # unstructured measured 0.99997 against 0.760: the six sentences are the calibration data, and
+    # 66 tokens are fewer than a layer's inputs, so the refit fits them almost exactly
+    assert mean_cosine(tmp_path / "refit.onnx") > mean_cosine(tmp_path / "magnitude.onnx") + 0.05
