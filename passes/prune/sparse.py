@@ -26,7 +26,7 @@ import numpy as np
 from onnxopt.passes.quant.calib import damped, inverse_factor
 
 BLOCK = 128  # rows along the reduction axis pruned and compensated together
-SOLVE_BYTES = 1 << 26  # the kept inputs' blocks of H stacked for one batched solve
+SOLVE_BYTES = 1 << 26  # the blocks of H (or its inverse) stacked for one batched solve
 SOLVE_FLOPS = 1e12  # outputs x (removed or kept inputs, the fewer)^3: above it, no exact refit
 
 
@@ -85,7 +85,7 @@ def refit(w: np.ndarray, h: np.ndarray, mask: np.ndarray) -> np.ndarray:
     w0 = np.where(dead[:, None], 0.0, w.astype(np.float64))
     out = w0.copy()
     removed = np.where(np.any(mask & (w0 != 0), axis=0), mask.sum(axis=0), 0)  # 0: w is its own solution
-    g = np.linalg.inv(hh) if np.any((removed > 0) & (removed <= k - removed)) else None
+    g = np.linalg.inv(hh) if np.any((removed > 0) & (removed < k - removed)) else None
     for c in np.unique(removed[removed > 0]):
         cols = np.flatnonzero(removed == c)
         through_removed = c < k - c
