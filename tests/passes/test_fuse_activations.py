@@ -202,10 +202,21 @@ def test_hard_swish_opset14(form, target):
     assert ops(out) == ["HardSwish"] and result.passes[0].counts == HARD_SWISH[form][1]
 
 
+@pytest.mark.parametrize("form", ["torch_relu6", "tf_sixth", "min_max"])
+def test_hard_swish_below_opset14_is_x_times_hard_sigmoid(form):
+    m = hard_swish_model(13, form)
+    out, result = fuse(m, scale=5.0)  # both clip regions; numerics checked against onnxruntime
+    assert ops(out) == ["HardSigmoid", "Mul"] and result.passes[0].counts == {"hard_swish": 1}
+    hsig, mul = out.graph.node
+    assert attrs(hsig) == {"alpha": pytest.approx(1 / 6), "beta": pytest.approx(0.5)}
+    assert list(hsig.input) == ["x"] and sorted(mul.input) == sorted(["x", hsig.output[0]])
+    assert list(mul.output) == ["y"]
+    assert_idempotent(m, "onnx")
+
+
 def test_hard_swish_needs_opset14_and_max_opset_raises_it():
     m = hard_swish_model(13, "torch_relu6")
-    assert_unchanged(m, scale=5.0)
-    assert ("fuse: hard_swish at Div: not fused: HardSwish needs opset 14, the model has 13 "
+    assert ("fuse: hard_swish at Mul: not fused: HardSwish needs opset 14, the model has 13 "
             "(--max-opset 14 allows it)") in explain(m)
     out, result = fuse(m, scale=5.0, max_opset=14)
     assert ops(out) == ["HardSwish"] and result.passes[0].counts == {"hard_swish": 1, "opset_raised_13_to_14": 1}
@@ -221,7 +232,8 @@ def test_hard_swish_at_opset13_keeps_the_hard_sigmoid():
 
 def test_hard_swish_from_opset10_clip_attributes():
     m = model(10, "p = Add(x, three)\n c = Clip<min = 0.0, max = 6.0>(p)\n m = Mul(x, c)\n y = Div(m, six)", CLIP_6)
-    assert_unchanged(m, scale=5.0)
+    out, result = fuse(m, scale=5.0)
+    assert ops(out) == ["HardSigmoid", "Mul"] and result.passes[0].counts == {"hard_swish": 1}
     out, result = fuse(m, scale=5.0, max_opset=14)
     assert ops(out) == ["HardSwish"] and result.passes[0].counts == {"hard_swish": 1, "opset_raised_10_to_14": 1}
 
