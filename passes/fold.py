@@ -72,7 +72,7 @@ class FoldPass(Pass):
                 counts["nodes_folded"] += n
                 changed += n
                 if self.options.weights:
-                    weight_counts = fold_into_conv(g, names) + fold_bias_into_matmul(g)
+                    weight_counts = fold_into_conv(g, names) + fold_into_conv_input(g) + fold_bias_into_matmul(g)
                     counts.update(weight_counts)
                     changed += sum(weight_counts.values())
             if not changed:
@@ -263,6 +263,80 @@ def fold_into_conv(graph: gs.Graph, names: Names) -> Counter:
             nxt.inputs.clear()
             counts[{"BatchNormalization": "conv_bn_folded", "Mul": "conv_mul_folded"}.get(nxt.op, "conv_add_folded")] += 1
     return counts
+
+
+def fold_into_conv_input(graph: gs.Graph) -> Counter:
+    """Fold a Mul/Add/Sub by a scalar or per-input-channel constant whose output a Conv alone
+    reads into that Conv: y = conv(x * c) is conv with its weight's input channels scaled by c;
+    y = conv(x + c) is conv(x) with bias + sum over the window of W * c, exact only without
+    padding (zeros padded after the Add would be c before it), so a padded Conv folds Mul only.
+    PP-OCRv4's learnable affine blocks (HardSwish, then * a + b, then a Conv) lose both kernels
+    at every 1x1 Conv."""
+    counts = Counter()
+    outs = output_tensors(graph)
+    for conv in list(graph.nodes):
+        if conv.op != "Conv" or conv.domain not in STANDARD_DOMAINS or len(conv.outputs) != 1:
+            continue
+        while True:
+            x = conv.inputs[0]
+            prev = x.inputs[0] if len(x.inputs) == 1 else None
+            if prev is None or id(x) in outs or len(x.outputs) != 1 or not _input_affine_ok(conv):
+                break
+            c = _input_channel_constant(prev, x, conv)
+            if c is None or (prev.op != "Mul" and not _unpadded(conv)):
+                break
+            weight = conv.inputs[1]
+            w = values(weight).astype(np.float64)
+            group = conv.attrs.get("group", 1)
+            m, cg = w.shape[0], w.shape[1]
+            per = c.reshape(group, 1, cg, *([1] * (w.ndim - 2)))  # input channel -> its group's column
+            wg = w.reshape(group, m // group, cg, *w.shape[2:])
+            if prev.op == "Mul":
+                weight.values = (wg * per).reshape(w.shape).astype(weight.dtype)
+            else:
+                shift = (wg * per).reshape(m, -1).sum(axis=1) * (1.0 if prev.op == "Add" else -1.0)
+                if len(conv.inputs) > 2 and conv.inputs[2].name:
+                    conv.inputs[2].values = (values(conv.inputs[2]).astype(np.float64) + shift).astype(weight.dtype)
+                else:
+                    bias = gs.Constant(weight.name + "_input_shift", shift.astype(weight.dtype))
+                    conv.inputs[2:] = [bias]
+            conv.inputs[0] = next(t for t in prev.inputs if not is_constant(t))
+            prev.inputs.clear()
+            prev.outputs.clear()
+            counts["conv_input_mul_folded" if prev.op == "Mul" else "conv_input_add_folded"] += 1
+    return counts
+
+
+def _input_affine_ok(conv: gs.Node) -> bool:
+    """Whether the Conv's weight and bias are constants only it reads (ours to change)."""
+    params = [t for t in conv.inputs[1:] if t.name]
+    return bool(params) and all(is_constant(t) and len(t.outputs) == 1 for t in params) \
+        and conv.inputs[1].shape is not None and len(conv.inputs[1].shape) >= 3
+
+
+def _unpadded(conv: gs.Node) -> bool:
+    return conv.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and not any(conv.attrs.get("pads", []))
+
+
+def _input_channel_constant(prev: gs.Node, x: gs.Tensor, conv: gs.Node) -> np.ndarray | None:
+    """The per-input-channel constant [C] of prev = x' * c, x' + c or x' - c (prev writes x, the
+    Conv's input), or None when prev is not one of those over the channel axis alone."""
+    if prev.op not in ("Mul", "Add", "Sub") or prev.domain not in STANDARD_DOMAINS or len(prev.inputs) != 2:
+        return None
+    consts = [t for t in prev.inputs if is_constant(t)]
+    if len(consts) != 1 or (prev.op == "Sub" and prev.inputs[1] is not consts[0]):
+        return None
+    data = next(t for t in prev.inputs if t is not consts[0])
+    weight = conv.inputs[1]
+    rank, channels = len(weight.shape), weight.shape[1] * conv.attrs.get("group", 1)
+    c = const_value(consts[0])
+    if c is None or c.dtype != weight.dtype or c.ndim > rank or data.shape is None or x.shape is None \
+            or list(data.shape) != list(x.shape) or len(x.shape) != rank:
+        return None  # the constant must not broadcast the data to a new shape
+    full = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    if any(d != 1 for i, d in enumerate(full.shape) if i != 1) or full.shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(full.reshape(-1).astype(np.float64), (channels,))
 
 
 def fold_bias_into_matmul(graph: gs.Graph) -> Counter:

@@ -1,4 +1,4 @@
-"""fold: Conv + BatchNormalization / per-channel Mul / Add folded into the Conv's weights, and
+"""fold: Conv + BatchNormalization / per-channel Mul / Add folded into the Conv's weights (after it or before it), and
 MatMul + bias Add into Gemm. Positive cases with exact counts and numerics, negatives, idempotence."""
 
 import numpy as np
@@ -166,3 +166,79 @@ def test_grouped_conv_transpose_is_not_folded():
         }}""")
     out, result = optimize_checked(model, ["fold"])
     assert ops(out) == ["ConvTranspose", "BatchNormalization"] and result.passes[0].counts == {}
+
+
+# a Mul / Add by a constant before a Conv: folded into the Conv's input side -------------------
+
+def then_conv(head: str, inits: str = "", pads: int = 0, group: int = 1, k: int = 1,
+              inputs: str = "float[1,4,5,5] x", outputs: str = "float[1,4,5,5] y") -> onnx.ModelProto:
+    """x -> <head> -> h -> Conv(W[4, 4/group, k, k], b, pads) -> y"""
+    rng = np.random.default_rng(1)
+    w = ", ".join(f"{v:.4f}" for v in rng.standard_normal(4 * (4 // group) * k * k))
+    b = ", ".join(f"{v:.4f}" for v in rng.standard_normal(4))
+    return from_text(f"""
+        {HEADER}
+        g ({inputs}) => ({outputs})
+        <float[4,{4 // group},{k},{k}] W = {{{w}}}, float[4] B = {{{b}}}{inits}> {{
+            {head}
+            y = Conv <pads = [{pads}, {pads}, {pads}, {pads}], group = {group}> (h, W, B)
+        }}""")
+
+
+LAB = ", float[1] a = {1.75}, float[1] c = {-0.4}"  # PP-OCRv4's learnable affine block: h * a + c
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_affine_before_unpadded_conv_folds_into_it(group):
+    model = then_conv("r = Relu (x)\n m = Mul (r, a)\n h = Add (m, c)", LAB, group=group)
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["Relu", "Conv"]
+    assert result.passes[0].counts == {"conv_input_add_folded": 1, "conv_input_mul_folded": 1}
+    assert out.graph.node[1].input[0] == out.graph.node[0].output[0]
+
+
+def test_per_input_channel_constants_into_a_grouped_conv():
+    model = then_conv("m = Mul (x, s)\n h = Sub (m, t)",
+                      ", float[4,1,1] s = {2.0, -1.0, 0.5, 3.0}, float[1,4,1,1] t = {0.5, 1.0, -2.0, 0.25}",
+                      group=2, k=3, outputs="float[1,4,3,3] y")
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["Conv"] and result.passes[0].counts == {"conv_input_add_folded": 1,
+                                                                "conv_input_mul_folded": 1}
+
+
+def test_padded_conv_takes_the_mul_but_not_the_add():
+    # zeros padded around h = x + c would have been c before the Add: not a bias
+    model = then_conv("h = Add (x, c)", LAB, pads=1, k=3)
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["Add", "Conv"] and "conv_input_add_folded" not in result.passes[0].counts
+    model = then_conv("h = Mul (a, x)", LAB, pads=1, k=3, group=4)  # depthwise; 0 * a is 0
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["Conv"] and result.passes[0].counts == {"conv_input_mul_folded": 1}
+
+
+@pytest.mark.parametrize("head, inits, outputs", [
+    ("h = Mul (x, s)", ", float[5] s = {1.0, 2.0, 3.0, 4.0, 5.0}", ""),  # varies along width
+    ("h = Sub (c, x)", LAB, ""),  # c - x: not x shifted
+    ("h = Mul (x, x)", "", ""),  # not a constant
+    ("h = Mul (x, a)", LAB, "float[1,4,5,5] y, float[1,4,5,5] h"),  # h is a graph output too
+    ("h = Mul (x, a)\n z = Relu (h)", LAB, "float[1,4,5,5] y, float[1,4,5,5] z"),  # h read twice
+])
+def test_affine_not_folded_into_conv_input(head, inits, outputs):
+    model = then_conv(head, inits, outputs=outputs or "float[1,4,5,5] y")
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ops(model)
+    assert not any(k.startswith("conv_input") for k in result.passes[0].counts)
+
+
+def test_affine_that_broadcasts_the_input_is_not_folded():
+    # x [1,4,5,1] * s [1,1,1,5] is [1,4,5,5]: the Conv would see a different input shape
+    model = then_conv("h = Mul (x, s)", ", float[1,1,1,5] s = {1.0, 2.0, 3.0, 4.0, 5.0}", inputs="float[1,4,5,1] x")
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ops(model)
+
+
+def test_conv_input_fold_is_idempotent():
+    model = then_conv("r = Relu (x)\n m = Mul (r, a)\n h = Add (m, c)", LAB)
+    once = onnxopt.optimize(model, passes=["fold"], verify="none").model
+    twice = onnxopt.optimize(once, passes=["fold"], verify="none")
+    assert twice.passes[0].counts == {} and ops(twice.model) == ops(once)
