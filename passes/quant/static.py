@@ -8,6 +8,10 @@ Placement (`static_sites` finds the nodes, `quantize_static` writes the graph):
   its weight is int8, symmetric, one scale per output channel (7-bit unless
   reduce_range=False: onnxruntime's AVX2 kernels without VNNI saturate full-range int8 weights);
   a Conv/Gemm bias becomes int32 with scale input_scale * weight_scale.
+- x * HardSigmoid(x) (fuse's HardSwish below opset 14) is an activation, not a product: it runs in
+  float between one DequantizeLinear and one QuantizeLinear, as HardSwish would (a QLinearMul
+  there costs a QuantizeLinear of the HardSigmoid besides: PP-OCRv4 det 0.80x -> 0.78x of the
+  float model, rec 0.86x -> 0.82x).
 - A Relu, or a Clip from 0, right after a quantized node (and its only reader) is dropped: the
   node's output is quantized with the activation's calibrated range starting at 0, which clamps
   exactly as the activation did.
@@ -64,12 +68,20 @@ def static_sites(graph: gs.Graph) -> tuple[list[Site], dict[int, gs.Node]]:
                 continue
         elif node.op in ("Add", "Mul") and any(isinstance(t, gs.Constant) for t in node.inputs):
             continue  # a constant operand: nothing onnxruntime fuses here
+        elif node.op == "Mul" and _hard_swish(node):
+            continue  # x * HardSigmoid(x): one float activation, not a product of two tensors
         label = node.name or f"{node.op}#{i}"
         sites.append(Site(i, node.op.lower(), label, int(np.prod(weight.shape)) if weight is not None else 0))
         y = node.outputs[0]
         if len(y.outputs) == 1 and id(y) not in outputs and _absorbable(y.outputs[0]):
             absorbed[i] = y.outputs[0]
     return sites, absorbed
+
+
+def _hard_swish(mul: gs.Node) -> bool:
+    a, b = mul.inputs
+    return any(t.inputs and t.inputs[0].op == "HardSigmoid" and t.inputs[0].inputs[0] is other
+               for t, other in ((a, b), (b, a)))
 
 
 def _float_node(node: gs.Node) -> bool:

@@ -82,6 +82,34 @@ def test_placement_fuses_into_integer_kernels():
     assert result.verification["outputs"][0]["cosine"] > 0.999
 
 
+def hard_swish_net():
+    """conv1 -> x * HardSigmoid(x) (fuse's HardSwish below opset 14) -> conv2; conv2 * conv1."""
+    inits = [numpy_helper.from_array(RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) / 3, "w1"),
+             numpy_helper.from_array(RNG.standard_normal((8, 8, 3, 3)).astype(np.float32) / 6, "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("HardSigmoid", ["c1"], ["h"], "hsig", alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["c1", "h"], ["a"], "hswish"),
+             helper.make_node("Conv", ["a", "w2"], ["c2"], "conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c2", "c1"], ["y"], "gate")]  # a product of two tensors: quantized
+    graph = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_x_times_hard_sigmoid_x_stays_one_float_activation():
+    result = static(hard_swish_net())
+    assert result.passes[0].counts == {"conv_int8": 2, "mul_int8": 1}
+    by_name = {n.name: n for n in result.model.graph.node}
+    producer = {o: n for n in result.model.graph.node for o in n.output}
+    hswish, gate = by_name["hswish"], by_name["gate"]
+    assert [producer[t].op_type for t in hswish.input] == ["DequantizeLinear", "HardSigmoid"]
+    assert producer[by_name["hsig"].input[0]].op_type == "DequantizeLinear"
+    assert [n.op_type for n in result.model.graph.node if hswish.output[0] in n.input] == ["QuantizeLinear"]
+    assert [producer[t].op_type for t in gate.input] == ["DequantizeLinear", "DequantizeLinear"]
+    assert "QLinearMul" in fused_ops(result.model)
+    assert result.verification["outputs"][0]["cosine"] > 0.999
+
+
 def test_weights_bias_and_carried_parameters():
     out = static(convnet()).model
     init = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
