@@ -21,6 +21,7 @@ from onnxopt.graph import Model, export_model
 
 
 MAX_UNITS = 48  # at most this many units are measured one by one
+VARIANT_UNITS = 4  # fit_budget with variants: at least this many units measured in each variant
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Fit:
     kept: list = field(default_factory=list)  # sites left in float for the budget
     sensitivity: dict = field(default_factory=dict)  # site label -> 1 - cosine with only it rewritten
     trials: int = 0
+    variant: dict = field(default_factory=dict)  # site index -> the rewrite variant chosen (absent: 0)
 
 
 def copy_model(m: Model) -> Model:
@@ -65,18 +67,28 @@ class Measure:
         return min(-1.0 if m.note else m.cosine for m in metrics)
 
 
-def fit_budget(model: Model, sites: list, rewrite: Callable[[Model, list], None], measure: Measure,
-               fallback: bool = True, max_units: int = MAX_UNITS) -> Fit:
+def fit_budget(model: Model, sites: list, rewrite: Callable[..., None], measure: Measure,
+               fallback: bool = True, max_units: int = MAX_UNITS, variants: int = 1) -> Fit:
     """The sites to rewrite so the result stays inside measure.budget (see the module doc). With
     more than `max_units` sites, runs of consecutive sites are measured and kept together, so a
-    large graph costs at most max_units + log2(max_units) + 1 trials."""
+    large graph costs at most max_units + log2(max_units) + 1 trials.
+
+    variants > 1: each site can be rewritten in that many ways, and `rewrite(m, sites, variant)`
+    takes {site index: variant} (absent: 0). Variant 0 is tried first everywhere; when that
+    misses the budget, the most sensitive quarter of the units (at least VARIANT_UNITS) is
+    measured in the other variants too, and each keeps the variant it errs least in
+    (`Fit.variant`): the units the budget would send back to float are those it can save."""
     trials = 0
 
-    def trial(units) -> float:
+    def trial(units, choice=None) -> float:
         nonlocal trials
         trials += 1
         m = copy_model(model)
-        rewrite(m, [s for u in units for s in u])
+        chosen = [s for u in units for s in u]
+        if variants > 1:
+            rewrite(m, chosen, choice or {})
+        else:
+            rewrite(m, chosen)
         return measure.score(m)
 
     ordered = sorted(sites, key=lambda s: s.index)
@@ -86,11 +98,18 @@ def fit_budget(model: Model, sites: list, rewrite: Callable[[Model, list], None]
     if full >= measure.budget or not fallback or not sites:
         return Fit(ordered, full, trials=trials)
     loss = [1.0 - trial([u]) for u in units]
+    choice = {}  # site index -> its variant, where not 0
+    for k in sorted(range(len(units)), key=lambda k: -loss[k])[:max(VARIANT_UNITS, len(units) // 4)]:
+        for v in range(1, variants):  # the most sensitive units, in the other variants
+            other = 1.0 - trial([units[k]], {s.index: v for s in units[k]})
+            if other < loss[k]:
+                loss[k] = other
+                choice.update({s.index: v for s in units[k]})
     order = sorted(range(len(units)), key=lambda k: -loss[k])  # the most sensitive first
     lo, hi, best = 1, len(order), None  # order[hi:] (nothing) always fits
     while lo < hi:
         mid = (lo + hi) // 2
-        score = trial([units[k] for k in order[mid:]])
+        score = trial([units[k] for k in order[mid:]], choice)
         if score >= measure.budget:
             hi, best = mid, score
         else:
@@ -98,7 +117,8 @@ def fit_budget(model: Model, sites: list, rewrite: Callable[[Model, list], None]
     chosen = [s for k in order[hi:] for s in units[k]]
     return Fit(sorted(chosen, key=lambda s: s.index), best if chosen else 1.0,
                kept=[s for k in order[:hi] for s in units[k]],
-               sensitivity={_label(units[k]): loss[k] for k in order}, trials=trials)
+               sensitivity={_label(units[k]): loss[k] for k in order}, trials=trials,
+               variant={s.index: choice[s.index] for s in chosen if s.index in choice})
 
 
 def _label(unit: list) -> str:

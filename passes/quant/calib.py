@@ -84,3 +84,52 @@ def inverse_factor(h: np.ndarray, k: int) -> tuple[np.ndarray | None, np.ndarray
         return np.linalg.cholesky(np.linalg.inv(hh)).T, dead
     except np.linalg.LinAlgError:
         return None, dead
+
+
+def conv_patches(x: np.ndarray, node, limit: int = 4096) -> list[np.ndarray] | None:
+    """The rows a 2-D Conv's weight multiplies: for each group, [rows, C/g * kh * kw] (its input
+    channels, then the kernel window, as the weight [M, C/g, kh, kw] flattens); at most `limit`
+    output positions, evenly spaced. None for a Conv this does not cover (not 2-D, auto_pad)."""
+    a = node.attrs
+    if x.ndim != 4 or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return None
+    kh, kw = node.inputs[1].shape[2:]
+    sh, sw = a.get("strides", [1, 1])
+    dh, dw = a.get("dilations", [1, 1])
+    p = a.get("pads", [0, 0, 0, 0])
+    group = a.get("group", 1)
+    x = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
+    win = np.lib.stride_tricks.sliding_window_view(x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, OH, OW, kh, kw], a view
+    n, c, oh, ow = win.shape[:4]
+    at = np.linspace(0, n * oh * ow - 1, min(limit, n * oh * ow)).astype(int)
+    i, rest = np.divmod(at, oh * ow)
+    rows = win[i, :, rest // ow, rest % ow]  # [R, C, kh, kw]
+    cg = c // group
+    return [rows[:, g * cg:(g + 1) * cg].reshape(len(at), -1).astype(np.float64) for g in range(group)]
+
+
+def weight_products(model, nodes: dict[int, object], samples: list[dict]) -> dict[int, list[np.ndarray]]:
+    """X^T X of the rows each weighted node's weight multiplies, over the samples: one per group
+    for a Conv (`conv_patches`), one for Gemm/MatMul (the input's last axis). nodes: position ->
+    node; a Conv `conv_patches` does not cover is left out."""
+    products: dict[int, list[np.ndarray]] = {}
+    readers: dict[str, list[int]] = {}
+    for i, node in nodes.items():
+        readers.setdefault(node.inputs[0].name, []).append(i)
+
+    def add(outs):
+        for name, x in outs.items():
+            for i in readers[name]:
+                node = nodes[i]
+                if node.op == "Conv":
+                    groups = conv_patches(x, node)
+                    if groups is None:
+                        continue
+                else:
+                    groups = [channel_rows(x, 1 << 16).astype(np.float64)]
+                have = products.get(i)
+                products[i] = [r.T @ r + (have[g] if have else 0) for g, r in enumerate(groups)]
+
+    observe(model, sorted(readers), samples, add)
+    return products

@@ -64,7 +64,7 @@ def fused_ops(model):
 def test_placement_fuses_into_integer_kernels():
     result = static(convnet())
     assert result.passes[0].counts == {"conv_int8": 2, "add_int8": 1, "globalaveragepool_int8": 1, "gemm_int8": 1,
-                                       "activations_absorbed": 1}
+                                       "activations_absorbed": 1, "weights_gptq": 3}
     out = result.model
     assert ops(out) == [
         "QuantizeLinear",  # the graph input x
@@ -98,7 +98,7 @@ def hard_swish_net():
 
 def test_x_times_hard_sigmoid_x_stays_one_float_activation():
     result = static(hard_swish_net())
-    assert result.passes[0].counts == {"conv_int8": 2, "mul_int8": 1}
+    assert result.passes[0].counts == {"conv_int8": 2, "mul_int8": 1, "weights_gptq": 2}
     by_name = {n.name: n for n in result.model.graph.node}
     producer = {o: n for n in result.model.graph.node for o in n.output}
     hswish, gate = by_name["hswish"], by_name["gate"]
@@ -203,6 +203,109 @@ def test_a_bias_that_does_not_fit_int32_stays_float():
     assert conv.input[2] == "b1"  # the float bias, untouched
     assert all(t.data_type != TensorProto.INT32 or np.abs(numpy_helper.to_array(t)).max() < 2**31 - 1
                for t in out.graph.initializer)
+
+
+# --------------------------------------------------------------------------- GPTQ weight rounding
+
+
+def test_gptq_rows_beat_rounding_to_nearest_on_correlated_inputs():
+    from onnxopt.passes.quant.int8 import quantize_columns
+
+    rng = np.random.default_rng(3)
+    mix = rng.standard_normal((48, 48)) * np.linspace(0.1, 3.0, 48)  # correlated inputs, uneven scales
+    fit, held = rng.standard_normal((2000, 48)) @ mix, rng.standard_normal((500, 48)) @ mix
+    w = rng.standard_normal((24, 48)).astype(np.float32)
+    q, scale = static_mod.gptq_rows(w, fit.T @ fit, 63)
+    q_rtn, scale_rtn = quantize_columns(w.T, 63)
+    assert q.dtype == np.int8 and np.abs(q).max() <= 63 and np.array_equal(scale, scale_rtn)
+    assert not np.array_equal(q, q_rtn.T)
+
+    def error(levels):
+        return np.linalg.norm(held @ (levels * scale[:, None] - w).T) / np.linalg.norm(held @ w.T)
+
+    assert error(q) < 0.6 * error(q_rtn.T)
+
+
+@pytest.mark.parametrize("attrs, shape", [
+    ({"pads": [1, 0, 2, 1], "strides": [2, 1]}, (6, 4, 3, 3)),
+    ({"dilations": [2, 2], "group": 2}, (6, 2, 3, 2)),
+    ({"group": 4, "pads": [1, 1, 1, 1]}, (4, 1, 3, 3)),  # depthwise
+])
+def test_conv_patches_are_the_rows_the_weight_multiplies(attrs, shape):
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.passes.quant.calib import conv_patches
+
+    w = RNG.standard_normal(shape).astype(np.float32)
+    x = RNG.standard_normal((2, 4, 9, 8)).astype(np.float32)
+    node = gs.Node("Conv", attrs=dict(attrs, kernel_shape=list(shape[2:])),
+                   inputs=[gs.Variable("x"), gs.Constant("w", w)], outputs=[gs.Variable("y")])
+    proto = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "c",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    y = run(helper.make_model(proto, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), {"x": x})["y"]
+    groups = conv_patches(x, node, limit=10**6)  # every output position
+    group = attrs.get("group", 1)
+    per = shape[0] // group
+    for g, rows in enumerate(groups):
+        got = rows @ w[g * per:(g + 1) * per].reshape(per, -1).T
+        want = np.moveaxis(y[:, g * per:(g + 1) * per], 1, -1).reshape(-1, per)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_static_rounds_weights_by_gptq_unless_told_rtn():
+    from onnxopt.passes.quant.int8 import quantize_columns
+
+    def conv_levels(model):
+        init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        by_output = {n.output[0]: n for n in model.graph.node}
+        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        return [init[by_output[c.input[1]].input[0]] for c in convs]
+
+    model = convnet()  # (each call draws new weights)
+    gptq, rtn = static(model), static(model, options=["quant.fallback=false", "quant.method=rtn"])
+    assert gptq.passes[0].counts["weights_gptq"] == 3 and "weights_gptq" not in rtn.passes[0].counts
+    w1 = numpy_helper.to_array(model.graph.initializer[0])
+    assert np.array_equal(conv_levels(rtn.model)[0], quantize_columns(w1.reshape(8, -1).T, 63)[0].T.reshape(w1.shape))
+    assert any(not np.array_equal(a, b) for a, b in zip(conv_levels(gptq.model), conv_levels(rtn.model)))
+    assert gptq.verification["outputs"][0]["cosine"] > rtn.verification["outputs"][0]["cosine"]
+    with pytest.raises(onnxopt.UsageError, match="bad --opt quant.method=adaround"):
+        static(convnet(), options=["quant.method=adaround"])
+
+
+def test_fit_budget_keeps_each_units_better_variant(monkeypatch):
+    from onnxopt.passes.quant import budget
+    from onnxopt.passes.quant.int8 import Site
+
+    loss = {0: (0.001, 0.002), 1: (0.02, 0.001), 2: (0.003, 0.004), 3: (0.015, 0.016)}  # site: (variant 0, 1)
+
+    class Scored:
+        budget = 0.99
+
+        def score(self, m):
+            return 1.0 - sum(loss[i][v] for i, v in m["done"])
+
+    def rewrite(m, chosen, variant):
+        m["done"] = [(s.index, variant.get(s.index, 0)) for s in chosen]
+
+    monkeypatch.setattr(budget, "copy_model", dict)
+    sites = [Site(i, "conv", f"conv{i}", 1) for i in range(4)]
+    fit = budget.fit_budget({}, sites, rewrite, Scored(), variants=2)
+    assert [s.index for s in fit.chosen] == [0, 1, 2] and [s.index for s in fit.kept] == [3]
+    assert fit.variant == {1: 1} and fit.score == pytest.approx(0.995)
+    assert fit.sensitivity == pytest.approx({"conv3": 0.015, "conv2": 0.003, "conv0": 0.001, "conv1": 0.001})
+    loss.update({1: (0.001, 0.001), 3: (0.001, 0.0)})  # variant 0 fits everywhere: tried first, kept
+    fit = budget.fit_budget({}, sites, rewrite, Scored(), variants=2)
+    assert len(fit.chosen) == 4 and fit.variant == {} and fit.trials == 1
+    # 12 units: only the 4 most sensitive are measured in variant 1 (units 8-11 here)
+    loss.clear()
+    loss.update({i: (0.0005, 0.0) for i in range(8)})  # insensitive: variant 1 is better, never measured
+    loss.update({8: (0.004, 0.001), 9: (0.003, 0.005), 10: (0.004, 0.001), 11: (0.005, 0.006)})
+    sites = [Site(i, "conv", f"conv{i}", 1) for i in range(12)]
+    fit = budget.fit_budget({}, sites, rewrite, Scored(), variants=2)
+    assert fit.variant == {8: 1, 10: 1} and [s.index for s in fit.kept] == [11]
+    assert fit.trials == 1 + 12 + 4 + 4  # full, each unit, the 4 in variant 1, the binary search over 12
 
 
 # ----------------------------------------------------------------------------------- --quant int8
