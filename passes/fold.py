@@ -53,7 +53,7 @@ class FoldPass(Pass):
     class Options:
         size_limit: int = 4096  # bytes a folded tensor may always take; bigger ones only replace what they free
         shapes: bool = True  # fold Shape/Gather/Concat arithmetic over partially known shapes
-        weights: bool = True  # fold BatchNormalization / per-channel Mul, Add into Conv; bias Add into Gemm
+        weights: bool = True  # BatchNormalization / per-channel Mul, Add into Conv (either side); bias Add into Gemm
 
     def run(self, model, ctx):
         graph = model.graph
@@ -72,7 +72,8 @@ class FoldPass(Pass):
                 counts["nodes_folded"] += n
                 changed += n
                 if self.options.weights:
-                    weight_counts = fold_into_conv(g, names) + fold_into_conv_input(g) + fold_bias_into_matmul(g)
+                    weight_counts = (fold_into_conv(g, names) + fold_into_conv_input(g, names)
+                                     + fold_bias_into_matmul(g))
                     counts.update(weight_counts)
                     changed += sum(weight_counts.values())
             if not changed:
@@ -265,7 +266,7 @@ def fold_into_conv(graph: gs.Graph, names: Names) -> Counter:
     return counts
 
 
-def fold_into_conv_input(graph: gs.Graph) -> Counter:
+def fold_into_conv_input(graph: gs.Graph, names: Names) -> Counter:
     """Fold a Mul/Add/Sub by a scalar or per-input-channel constant whose output a Conv alone
     reads into that Conv: y = conv(x * c) is conv with its weight's input channels scaled by c;
     y = conv(x + c) is conv(x) with bias + sum over the window of W * c, exact only without
@@ -298,7 +299,7 @@ def fold_into_conv_input(graph: gs.Graph) -> Counter:
                 if len(conv.inputs) > 2 and conv.inputs[2].name:
                     conv.inputs[2].values = (values(conv.inputs[2]).astype(np.float64) + shift).astype(weight.dtype)
                 else:
-                    bias = gs.Constant(weight.name + "_input_shift", shift.astype(weight.dtype))
+                    bias = gs.Constant(names.new(weight.name + "_bias"), shift.astype(weight.dtype))
                     conv.inputs[2:] = [bias]
             conv.inputs[0] = next(t for t in prev.inputs if not is_constant(t))
             prev.inputs.clear()
