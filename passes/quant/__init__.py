@@ -276,7 +276,8 @@ class QuantPass(Pass):
         qmax = 63 if self.options.reduce_range else 127
         weights = {}
         if self.options.method in ("", "gptq"):  # weights rounded by GPTQ through their calibration inputs
-            weighted = {x.index: graph.nodes[x.index] for x in sites if x.kind in ("conv", "gemm", "matmul")}
+            weighted = {x.index: graph.nodes[x.index] for x in sites if x.kind in ("conv", "gemm", "matmul")
+                        and qdq.weight_rows(graph.nodes[x.index]).shape[1] <= qdq.GPTQ_MAX_K}
             weights = qdq.site_weights(weighted, weight_products(model, weighted, ctx.calibration_data), qmax)
 
         def rewrite(m, chosen, variant=None):  # variant 1: round to nearest where GPTQ rounded

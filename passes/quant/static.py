@@ -10,8 +10,9 @@ Placement (`static_sites` finds the nodes, `quantize_static` writes the graph):
   a Conv/Gemm bias becomes int32 with scale input_scale * weight_scale.
 - Weights are rounded by GPTQ (`site_weights`): each input column's rounding error compensated
   in the columns not yet rounded, through X^T X of the rows the weight multiplies on the
-  calibration data (a Conv's im2col patches, per group). Where that does worse end to end than
-  rounding to nearest, the budget's measurement keeps rounding to nearest (QuantPass.static).
+  calibration data (a Conv's im2col patches, per group; up to GPTQ_MAX_K inputs, longer ones
+  round to nearest). Where that does worse end to end than rounding to nearest, the budget's
+  measurement keeps rounding to nearest (QuantPass.static).
 - x * HardSigmoid(x) (fuse's HardSwish below opset 14) is an activation, not a product: it runs in
   float between one DequantizeLinear and one QuantizeLinear, as HardSwish would (a QLinearMul
   there costs a QuantizeLinear of the HardSigmoid besides: PP-OCRv4 det 0.80x -> 0.78x of the
@@ -50,6 +51,7 @@ from .int8 import Site, quantize_columns
 COMPUTE = {"Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool"}
 CARRY = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
 BINS = 2048
+GPTQ_MAX_K = 4608  # longest reduction GPTQ rounds (a 3x3 conv over 512 channels): X^T X is K^2 float64
 PERCENTILE = 99.99
 
 

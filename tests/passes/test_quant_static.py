@@ -274,6 +274,12 @@ def test_static_rounds_weights_by_gptq_unless_told_rtn():
         static(convnet(), options=["quant.method=adaround"])
 
 
+def test_reductions_longer_than_the_gptq_cap_round_to_nearest(monkeypatch):
+    monkeypatch.setattr(static_mod, "GPTQ_MAX_K", 30)  # conv1 reduces over 27 inputs, conv2 72, the gemm 8
+    counts = static(convnet()).passes[0].counts
+    assert counts["conv_int8"] == 2 and counts["weights_gptq"] == 2
+
+
 def test_fit_budget_keeps_each_units_better_variant(monkeypatch):
     from onnxopt.passes.quant import budget
     from onnxopt.passes.quant.int8 import Site
