@@ -314,6 +314,29 @@ def test_fit_budget_keeps_each_units_better_variant(monkeypatch):
     assert fit.trials == 1 + 12 + 4 + 4  # full, each unit, the 4 in variant 1, the binary search over 12
 
 
+def test_static_says_how_fast_the_int8_graph_runs_against_the_float_one(monkeypatch):
+    import re
+
+    from onnxopt.passes.quant import budget
+
+    result = static(convnet())
+    said = [line for line in result.explain if "runs the int8 graph in" in line]
+    assert len(said) == 1 and re.search(r"in \d+\.\d\dx the float graph's time", said[0])
+    ratio = result.details["quant"]["latency_vs_float"]
+    assert ratio > 0 and (ratio > 1) == any("warning: the int8 graph is slower" in line for line in result.explain)
+    monkeypatch.setattr(budget, "LATENCY_BYTES", 0)  # too large to time: nothing said
+    result = static(convnet())
+    assert not any("int8 graph" in line for line in result.explain) and "quant" not in result.details
+
+
+def test_latency_ratio_of_a_model_against_itself_is_near_one():
+    from onnxopt.graph import import_model
+    from onnxopt.passes.quant.budget import latency_ratio
+
+    m = import_model(convnet())
+    assert 0.5 < latency_ratio(m, m, samples(1)[0], rounds=20) < 2.0
+
+
 # ----------------------------------------------------------------------------------- --quant int8
 
 
