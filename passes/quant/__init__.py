@@ -43,6 +43,7 @@ from .fp16 import convert_to_fp16
 
 MODES = ("fp16", "mixed", "dynamic", "static", "int8", "int4")
 CONV_FAMILY = frozenset({"conv", "add", "mul", "concat", "globalaveragepool", "averagepool"})  # int8: static kinds
+INT8_SLOWER = 1.05  # --quant int8 keeps convolutions float when static QDQ times above this ratio to float
 SMOOTH_SAMPLES = 64  # calibration samples whose activations choose the SmoothQuant factors
 
 
@@ -321,13 +322,29 @@ class QuantPass(Pass):
         Add/Mul/Concat/pooling between them) as static QDQ when there is calibration data, else
         float (ConvInteger is slower than float Conv); MatMul, Gemm, embeddings and attention
         dynamic (run-time activation ranges, SmoothQuant). One budget for both, measured against
-        the float model."""
+        the float model. The static part is timed against the graph before it (`latency_ratio`):
+        where its integer kernels run clearly slower than the float ones on this machine (above
+        INT8_SLOWER), the convolutions stay float after all, and it says so."""
         measure = Measure.of(model, ctx)
         convs = [x for x in qdq.static_sites(model.graph)[0] if x.kind == "conv"]
         counts = Counter()
         if convs and ctx.calibration_data:
             ctx.log(f"quant: int8 chose static QDQ for the {len(convs)} convolutions and the ops between them")
-            counts += self.static(model, ctx, measure, CONV_FAMILY)
+            before = copy_model(model)
+            done = self.static(model, ctx, measure, CONV_FAMILY)
+            ratio = latency_ratio(model, before, ctx.evaluation[0]) if done and ctx.evaluation else None
+            if ratio is not None:
+                ctx.details.setdefault("quant", {})["static_latency_vs_float"] = round(ratio, 3)
+            if ratio is not None and ratio > INT8_SLOWER:
+                model.graph, model.meta = before.graph, before.meta
+                ctx.log(f"quant: int8 leaves the {len(convs)} convolutions in float after all (opset "
+                        f"{opset(model.graph)} kept): with static QDQ the graph ran {ratio:.2f}x its float time in "
+                        "onnxruntime here (1 thread)")
+            else:
+                counts += done
+                if ratio is not None:
+                    ctx.log(f"quant: with static QDQ the graph runs {ratio:.2f}x its float time in onnxruntime here "
+                            "(1 thread)")
         elif convs:
             ctx.log(f"quant: int8 leaves the {len(convs)} convolutions in float: static QDQ needs --calibration-data, "
                     "and dynamic ConvInteger is slower than float Conv")

@@ -340,7 +340,15 @@ def test_latency_ratio_of_a_model_against_itself_is_near_one():
 # ----------------------------------------------------------------------------------- --quant int8
 
 
-def test_int8_chooses_static_for_convolutions_and_dynamic_for_the_rest():
+def timed(monkeypatch, ratio):
+    """--quant int8's timing of its static part, fixed (a tiny graph's real timing is noise)."""
+    import onnxopt.passes.quant as quant_pass
+
+    monkeypatch.setattr(quant_pass, "latency_ratio", lambda *args, **kwargs: ratio)
+
+
+def test_int8_chooses_static_for_convolutions_and_dynamic_for_the_rest(monkeypatch):
+    timed(monkeypatch, 0.8)
     result = onnxopt.optimize(convnet(classes=600), passes=["quant"], quant="int8", target="ort",
                               calibration_data=samples(), options=["quant.fallback=false"])
     counts = result.passes[0].counts
@@ -349,6 +357,21 @@ def test_int8_chooses_static_for_convolutions_and_dynamic_for_the_rest():
     assert found.count("Conv") == 2 and "Gemm" not in found and found.count("DynamicQuantizeMatMul") == 1
     assert any("int8 chose static QDQ for the 2 convolutions" in line for line in result.explain)
     assert any("int8 chose dynamic quantization" in line for line in result.explain)
+    assert any("with static QDQ the graph runs 0.80x its float time" in line for line in result.explain)
+    assert result.details["quant"] == {"static_latency_vs_float": 0.8}
+
+
+def test_int8_keeps_convolutions_float_where_static_qdq_runs_slower(monkeypatch):
+    timed(monkeypatch, 1.5)
+    model = convnet(classes=600, opset=11)
+    result = onnxopt.optimize(model, passes=["quant"], quant="int8", target="ort", calibration_data=samples(),
+                              options=["quant.fallback=false"])
+    assert result.passes[0].counts == {"gemm_int8": 1, "weights_int8": 600 * 8}  # the dynamic part alone
+    found = ops(result.model)
+    assert "QuantizeLinear" not in found and found.count("Conv") == 2 and "DynamicQuantizeMatMul" in found
+    assert result.model.opset_import[0].version == 11  # static's raise to 13 undone with it
+    assert any("int8 leaves the 2 convolutions in float after all (opset 11 kept): with static QDQ the graph "
+               "ran 1.50x" in line for line in result.explain)
 
 
 def test_int8_without_calibration_data_leaves_convolutions_float():
