@@ -330,10 +330,16 @@ def _input_channel_constant(prev: gs.Node, x: gs.Tensor, conv: gs.Node) -> np.nd
     data = next(t for t in prev.inputs if t is not consts[0])
     weight = conv.inputs[1]
     rank, channels = len(weight.shape), weight.shape[1] * conv.attrs.get("group", 1)
-    c = const_value(consts[0])
-    if c is None or c.dtype != weight.dtype or c.ndim > rank or data.shape is None or x.shape is None \
-            or list(data.shape) != list(x.shape) or len(x.shape) != rank:
+    if data.shape is None or x.shape is None or list(data.shape) != list(x.shape) or len(x.shape) != rank:
         return None  # the constant must not broadcast the data to a new shape
+    return _per_channel(const_value(consts[0]), weight.dtype, rank, channels)
+
+
+def _per_channel(c: np.ndarray | None, dtype, rank: int, channels: int) -> np.ndarray | None:
+    """A constant of the weight's type that broadcasts over axis 1 of a rank-`rank` tensor alone
+    (a scalar or one value per channel), as [channels] float64; else None."""
+    if c is None or c.dtype != dtype or c.ndim > rank:
+        return None
     full = c.reshape((1,) * (rank - c.ndim) + c.shape)
     if any(d != 1 for i, d in enumerate(full.shape) if i != 1) or full.shape[1] not in (1, channels):
         return None
@@ -423,15 +429,11 @@ def _channel_affine(nxt: gs.Node, conv: gs.Node, graph: gs.Graph):
     other = [t for t in nxt.inputs if t is not conv.outputs[0]]
     if len(other) != 1 or len(nxt.inputs) != 2:
         return None
-    c = const_value(other[0])
-    if c is None or c.dtype != weight.dtype or c.ndim > rank:
-        return None
     if nxt.op == "Sub" and nxt.inputs[0] is not conv.outputs[0]:
         return None  # c - y is not a shift of y
-    full = c.reshape((1,) * (rank - c.ndim) + c.shape)
-    if any(d != 1 for i, d in enumerate(full.shape) if i != 1) or full.shape[1] not in (1, channels):
+    per_channel = _per_channel(const_value(other[0]), weight.dtype, rank, channels)
+    if per_channel is None:
         return None  # not per output channel: it would broadcast along space or batch
-    per_channel = np.broadcast_to(full.reshape(-1).astype(np.float64), (channels,))
     if nxt.op == "Mul":
         return per_channel, np.zeros(channels)
     return np.ones(channels), per_channel if nxt.op == "Add" else -per_channel

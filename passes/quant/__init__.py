@@ -306,10 +306,10 @@ class QuantPass(Pass):
         # units are measured both ways
         fit = fit_budget(model, sites, rewrite, measure or Measure.of(model, ctx),
                          self.options.fallback, variants=2 if weights else 1)
-        before = copy_model(model)
+        before = copy_model(model) if kinds is None else None  # --quant int8 times its own whole
         rewrite(model, fit.chosen, fit.variant)
         self.log_fit(ctx, fit, sites, f"static int8 ({method}, {len(ctx.calibration_data)} calibration samples)")
-        if kinds is None and fit.chosen and ctx.evaluation:
+        if before is not None and fit.chosen and ctx.evaluation:
             self.log_latency(ctx, latency_ratio(model, before, ctx.evaluation[0]))
         counts.update(f"{s.kind}_int8" for s in fit.chosen)
         counts["activations_absorbed"] = sum(s.index in absorbed for s in fit.chosen)

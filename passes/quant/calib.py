@@ -86,6 +86,26 @@ def inverse_factor(h: np.ndarray, k: int) -> tuple[np.ndarray | None, np.ndarray
         return None, dead
 
 
+GPTQ_BATCH = 128  # columns updated together (GPTQ's lazy batch); a multiple of int4's 32-wide blocks
+
+
+def gptq_columns(wt: np.ndarray, u: np.ndarray, round_column) -> None:
+    """GPTQ's loop over the columns of wt [N, K] (float64, a row per output, updated in place):
+    `round_column(col, batch, i)` returns column `col`'s rounded (dequantized) values, `batch`
+    being the current batch of columns as compensated so far and `i` the column's place in it;
+    its error is compensated in the columns not yet rounded through u, the upper Cholesky factor
+    of H^-1 (`inverse_factor`), lazily a batch at a time."""
+    n, k = wt.shape
+    for i1 in range(0, k, GPTQ_BATCH):
+        i2 = min(i1 + GPTQ_BATCH, k)
+        w1, err1, u1 = wt[:, i1:i2], np.zeros((n, i2 - i1)), u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            err = (w1[:, i] - round_column(i1 + i, w1, i)) / u1[i, i]
+            w1[:, i:] -= np.outer(err, u1[i, i:])
+            err1[:, i] = err
+        wt[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+
 def conv_patches(x: np.ndarray, node, limit: int = 4096) -> list[np.ndarray] | None:
     """The rows a 2-D Conv's weight multiplies: for each group, [rows, C/g * kh * kw] (its input
     channels, then the kernel window, as the weight [M, C/g, kh, kw] flattens); at most `limit`

@@ -23,11 +23,10 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import Names, values
 
-from .calib import inverse_factor
+from .calib import gptq_columns, inverse_factor
 from .int8 import MS, Site, _attention_core, _const, _var, linear_weight
 
 BLOCK = 32
-GPTQ_BATCH = 128  # columns updated together (GPTQ's lazy batch); a multiple of BLOCK
 
 
 def quantize_blocks(w: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,23 +69,21 @@ def gptq(w: np.ndarray, h: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, 
     q = np.zeros((n, k), np.uint8)
     scales = np.zeros((n, k // block), np.float32)
     zeros = np.zeros((n, k // block), np.uint8)
-    for i1 in range(0, k, GPTQ_BATCH):
-        i2 = min(i1 + GPTQ_BATCH, k)
-        w1, err1, u1 = wt[:, i1:i2].copy(), np.zeros((n, i2 - i1)), u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % block == 0:  # a new block: its scale from the weights as compensated so far
-                b = w1[:, i:i + block]
-                lo, hi = np.minimum(b.min(axis=1), 0.0), np.maximum(b.max(axis=1), 0.0)
-                scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0)
-                zero = np.clip(np.rint(-lo / scale), 0, 15)
-                scales[:, col // block], zeros[:, col // block] = scale, zero
-            levels = np.clip(np.rint(w1[:, i] / scale) + zero, 0, 15)
-            q[:, col] = levels
-            err = (w1[:, i] - (levels - zero) * scale) / u1[i, i]
-            w1[:, i:] -= np.outer(err, u1[i, i:])
-            err1[:, i] = err
-        wt[:, i2:] -= err1 @ u[i1:i2, i2:]
+    scale = zero = None
+
+    def round_column(col, w1, i):
+        nonlocal scale, zero
+        if col % block == 0:  # a new block: its scale from the weights as compensated so far
+            b = w1[:, i:i + block]
+            lo, hi = np.minimum(b.min(axis=1), 0.0), np.maximum(b.max(axis=1), 0.0)
+            scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0)
+            zero = np.clip(np.rint(-lo / scale), 0, 15)
+            scales[:, col // block], zeros[:, col // block] = scale, zero
+        levels = np.clip(np.rint(w1[:, i] / scale) + zero, 0, 15)
+        q[:, col] = levels
+        return (levels - zero) * scale
+
+    gptq_columns(wt, u, round_column)
     return q, scales, zeros
 
 

@@ -44,8 +44,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import STANDARD_DOMAINS, Names, values
 
-from .calib import inverse_factor
-from .int4 import GPTQ_BATCH
+from .calib import gptq_columns, inverse_factor
 from .int8 import Site, quantize_columns
 
 COMPUTE = {"Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool"}
@@ -297,18 +296,15 @@ def gptq_rows(w: np.ndarray, h: np.ndarray, qmax: int) -> tuple[np.ndarray, np.n
         return quantize_columns(w.T, qmax)[0].T, scale
     wt = w[:, order].astype(np.float64)
     wt[:, dead] = 0.0  # inputs that never varied: nothing to compensate through
-    sc = scale.astype(np.float64)[:, None]
+    sc = scale.astype(np.float64)
     q = np.zeros((n, k), np.int8)
-    for i1 in range(0, k, GPTQ_BATCH):
-        i2 = min(i1 + GPTQ_BATCH, k)
-        w1, err1, u1 = wt[:, i1:i2], np.zeros((n, i2 - i1)), u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            levels = np.clip(np.rint(w1[:, i:i + 1] / sc), -qmax, qmax)
-            q[:, i1 + i] = levels[:, 0]
-            err = (w1[:, i] - levels[:, 0] * sc[:, 0]) / u1[i, i]
-            w1[:, i:] -= np.outer(err, u1[i, i:])
-            err1[:, i] = err
-        wt[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+    def round_column(col, w1, i):
+        levels = np.clip(np.rint(w1[:, i] / sc), -qmax, qmax)
+        q[:, col] = levels
+        return levels * sc
+
+    gptq_columns(wt, u, round_column)
     out = np.empty_like(q)
     out[:, order] = q
     return out, scale
