@@ -72,6 +72,7 @@ class QuantPass(Pass):
         method: str = ""  # int4, static: weight rounding, rtn or gptq (default: gptq with calibration data)
         accuracy_level: int = 0  # int4: MatMulNBits' accuracy_level (4: int8 arithmetic, faster, less exact)
         calibration: str = "minmax"  # static: how activation ranges are set (minmax, percentile or entropy)
+        equalize: bool = True  # static: depthwise convs' input channels rescaled to share the uint8 range
 
     def run(self, model, ctx):
         if ctx.quant not in MODES:
@@ -281,6 +282,8 @@ class QuantPass(Pass):
         if not sites:
             ctx.log("quant: nothing to quantize in static mode (no Conv, Gemm, MatMul, Add, Concat or pooling)")
             return counts
+        if self.options.equalize:
+            counts["depthwise_inputs_equalized"] = self.equalize(model, sites, ctx)
         observed = qdq.observed_tensors(graph, sites, absorbed)
         ranges = qdq.RangeObserver()
         observe(model, observed, ctx.calibration_data, ranges.add)
@@ -316,6 +319,28 @@ class QuantPass(Pass):
         counts["kept_float_for_budget"] = len(fit.kept)
         counts["weights_gptq"] = sum(x.index in weights and not fit.variant.get(x.index) for x in fit.chosen)
         return +counts
+
+    @staticmethod
+    def equalize(model, sites, ctx) -> int:
+        """Rescale the input channels of the depthwise convs among `sites` where that is free
+        (`static.equalize_depthwise`), from their per-channel extremes on the calibration samples."""
+        chosen = {id(model.graph.nodes[s.index]) for s in sites}
+        found = [f for f in qdq.depthwise_inputs(model.graph) if id(f[0]) in chosen]
+        if not found:
+            return 0
+        lo, hi = {}, {}
+
+        def add(outs):
+            for name, x in outs.items():
+                axes = tuple(k for k in range(x.ndim) if k != 1)
+                lo[name] = np.minimum(lo.get(name, 0.0), x.min(axis=axes))
+                hi[name] = np.maximum(hi.get(name, 0.0), x.max(axis=axes))
+
+        observe(model, sorted({f[0].inputs[0].name for f in found}), ctx.calibration_data, add)
+        done = qdq.equalize_depthwise(found, lo, hi, Names(model.graph))
+        if done:
+            ctx.log(f"quant: the input channels of {done} depthwise convolution(s) rescaled to share their uint8 range")
+        return done
 
     def int8_auto(self, model, ctx) -> Counter:
         """int8, the fastest correct form per operator on onnxruntime's CPU: convolutions (and the

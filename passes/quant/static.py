@@ -13,6 +13,13 @@ Placement (`static_sites` finds the nodes, `quantize_static` writes the graph):
   calibration data (a Conv's im2col patches, per group; up to GPTQ_MAX_K inputs, longer ones
   round to nearest). Where that does worse end to end than rounding to nearest, the budget's
   measurement keeps rounding to nearest (QuantPass.static).
+- A depthwise conv's input channels are rescaled first where that costs nothing
+  (`equalize_depthwise`): a depthwise conv reads each channel alone and per-channel weight
+  scales absorb any factor, so when the node making its input can scale each channel (a Conv,
+  or `x * a (+ b)` with scalar or per-channel constants: PP-LCNet's learnable affine block), each
+  channel is stretched to fill the tensor's one uint8 range. Per-tensor activations otherwise
+  give a channel spanning 0.4 in a tensor spanning 22 about 3 bits (PP-OCRv4 rec: 14 of its 16
+  depthwise convs; all units int8, argmax agreement 92.9% -> 95.2%).
 - x * HardSigmoid(x) (fuse's HardSwish below opset 14) is an activation, not a product: it runs in
   float between one DequantizeLinear and one QuantizeLinear, as HardSwish would (a QLinearMul
   there costs a QuantizeLinear of the HardSigmoid besides: PP-OCRv4 det 0.80x -> 0.78x of the
@@ -116,6 +123,102 @@ def observed_tensors(graph: gs.Graph, sites: list[Site], absorbed: dict) -> list
         out = absorbed[s.index].outputs[0] if s.index in absorbed else node.outputs[0]
         names.add(out.name)
     return sorted(names)
+
+
+def depthwise_inputs(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node, gs.Node | None]]:
+    """Depthwise convolutions whose input channels can be rescaled for free, as (conv, scaler,
+    add): the conv (one input channel per group, a constant weight) is the input's only reader,
+    and the input comes from a node that can scale each channel at no cost: `x * a (+ b)` with
+    constants a and b that are scalars or per channel (PP-LCNet's learnable affine block before a
+    padded depthwise conv: scaler is the Mul, add the Add), or a Conv with a constant weight
+    (scaler; add is None)."""
+    outs = {id(t) for t in graph.outputs}
+    found = []
+    for node in graph.nodes:
+        if node.op != "Conv" or node.domain not in STANDARD_DOMAINS or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if not isinstance(w, gs.Constant) or w.dtype != np.float32 or len(w.shape) < 3 or w.shape[1] != 1 \
+                or node.attrs.get("group", 1) != w.shape[0]:
+            continue
+        if id(x) in outs or len(x.outputs) != 1 or len(x.inputs) != 1:
+            continue
+        channels, rank = w.shape[0], len(w.shape)
+        p = x.inputs[0]
+        if p.op == "Conv" and p.domain in STANDARD_DOMAINS and len(p.inputs) > 1 \
+                and isinstance(p.inputs[1], gs.Constant) and p.inputs[1].dtype == np.float32 \
+                and p.inputs[1].shape[0] == channels and (len(p.inputs) < 3 or isinstance(p.inputs[2], gs.Constant)):
+            found.append((node, p, None))
+            continue
+        add = None
+        if p.op in ("Add", "Sub") and _channel_constant(p, channels, rank) is not None:
+            add, p = p, next((t.inputs[0] for t in p.inputs if not isinstance(t, gs.Constant) and t.inputs), None)
+            if p is None or len(p.outputs[0].outputs) != 1 or id(p.outputs[0]) in outs:
+                continue
+        if p.op == "Mul" and _channel_constant(p, channels, rank) is not None:
+            found.append((node, p, add))
+    return found
+
+
+def _channel_constant(node: gs.Node, channels: int, rank: int) -> tuple[int, np.ndarray] | None:
+    """For a standard binary node with one constant operand that is a scalar or per channel of a
+    rank-`rank` NCHW tensor: (that operand's position, its values as [channels]); else None. Sub
+    only as `x - c`."""
+    if node.domain not in STANDARD_DOMAINS or len(node.inputs) != 2:
+        return None
+    k = [i for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)]
+    if len(k) != 1 or (node.op == "Sub" and k[0] != 1):
+        return None
+    c = np.asarray(values(node.inputs[k[0]]))
+    if c.dtype != np.float32 or c.ndim > rank:
+        return None
+    full = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    if any(d != 1 for i, d in enumerate(full.shape) if i != 1) or full.shape[1] not in (1, channels):
+        return None
+    return k[0], np.broadcast_to(full.reshape(-1), (channels,))
+
+
+def equalize_depthwise(found: list, lo: dict[str, np.ndarray], hi: dict[str, np.ndarray], names: Names) -> int:
+    """Rescale each depthwise conv's input channels (see `depthwise_inputs`) so that every channel
+    spans as much of the tensor's one uint8 range as it can: channel c is multiplied by
+    s_c = min(hi / hi_c, lo / lo_c) over the tensor's calibrated range [lo, hi] (so the range
+    itself does not grow), in the node that makes it, and the conv's weights for it divided by
+    s_c. Exact in float; the conv's per-output-channel weight scales absorb s_c, so only the
+    activation's rounding changes: a channel calibrated at 0.4 in a tensor spanning 22 keeps
+    its 8 bits instead of 3. lo/hi: per-channel extremes of the inputs, by name. Returns the
+    number of convs rescaled."""
+    done = 0
+    for conv, scaler, add in found:
+        name = conv.inputs[0].name
+        if name not in lo:
+            continue
+        cl, ch = np.minimum(lo[name], 0.0), np.maximum(hi[name], 0.0)
+        tl, th = float(cl.min()), float(ch.max())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = np.minimum(np.where(ch > 0, th / ch, np.inf), np.where(cl < 0, tl / cl, np.inf))
+        s = np.where(np.isfinite(s) & (s > 1.0), s, 1.0)  # a channel that never varied keeps its scale
+        if np.all(s == 1.0):
+            continue
+        rank = len(conv.inputs[1].shape)
+        shape = (-1,) + (1,) * (rank - 2)
+        if scaler.op == "Conv":
+            w = np.asarray(values(scaler.inputs[1]), np.float32)
+            scaler.inputs[1] = gs.Constant(names.new(f"{scaler.inputs[1].name}_equalized"),
+                                           (w * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32))
+            if len(scaler.inputs) > 2:
+                b = np.asarray(values(scaler.inputs[2]), np.float32)
+                scaler.inputs[2] = gs.Constant(names.new(f"{scaler.inputs[2].name}_equalized"),
+                                               (b * s).astype(np.float32))
+        else:
+            for node in (scaler, add) if add is not None else (scaler,):
+                k, c = _channel_constant(node, len(s), rank)
+                node.inputs[k] = gs.Constant(names.new(f"{node.inputs[k].name}_equalized"),
+                                             (c * s).astype(np.float32).reshape(shape))
+        w = np.asarray(values(conv.inputs[1]), np.float32)
+        conv.inputs[1] = gs.Constant(names.new(f"{conv.inputs[1].name}_equalized"),
+                                     (w / s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32))
+        done += 1
+    return done
 
 
 def _activation_inputs(node: gs.Node) -> list[gs.Tensor]:

@@ -110,6 +110,114 @@ def test_x_times_hard_sigmoid_x_stays_one_float_activation():
     assert result.verification["outputs"][0]["cosine"] > 0.999
 
 
+def depthwise_net(share=False):
+    """Two depthwise convs whose 8 input channels span very different ranges: conv0 (no activation)
+    -> padded depthwise dw0; conv1 -> x * HardSigmoid(x) -> * a + b (PP-LCNet's affine block, scalar
+    a and b) -> padded depthwise dw1, whose weights even the channels out again (as a BatchNorm
+    after them would). share=True: the affine block's output is read twice."""
+    rng = np.random.default_rng(5)
+    spread = np.geomspace(0.02, 4.0, 8).astype(np.float32).reshape(8, 1, 1, 1)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 1, 1)).astype(np.float32) * spread, "w0"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * spread.ravel(), "b0"),
+             numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32) / spread, "wd0"),
+             numpy_helper.from_array(rng.standard_normal((8, 3, 1, 1)).astype(np.float32) * spread[::-1], "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32) / spread[::-1], "wd1"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bd1"),
+             numpy_helper.from_array(np.array([1.5], np.float32), "a"),
+             numpy_helper.from_array(np.array(0.25, np.float32), "b")]
+    dw = {"group": 8, "pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], "conv0"),
+             helper.make_node("Conv", ["c0", "wd0"], ["d0"], "dw0", **dw),
+             helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1"),
+             helper.make_node("HardSigmoid", ["c1"], ["h"], "hsig", alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["c1", "h"], ["hs"], "hswish"),
+             helper.make_node("Mul", ["a", "hs"], ["m"], "lab_mul"),
+             helper.make_node("Add", ["m", "b"], ["l"], "lab_add"),
+             helper.make_node("Conv", ["l", "wd1", "bd1"], ["d1"], "dw1", **dw),
+             helper.make_node("Add", ["d0", "d1"], ["y"], "sum")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])]
+    if share:
+        nodes.append(helper.make_node("Relu", ["l"], ["l2"], "second_reader"))
+        outputs.append(helper.make_tensor_value_info("l2", TensorProto.FLOAT, [1, 8, 16, 16]))
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def quantize_params(model, tensor):
+    """(scale, zero point) of the QuantizeLinear that reads `tensor`'s float value."""
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    dq = producer[tensor]
+    return tuple(init[i] for i in dq.input[1:])
+
+
+def test_depthwise_inputs_share_the_uint8_range_and_err_less():
+    model = depthwise_net()
+    eq = static(model, write_over_budget=True)
+    plain = static(model, options=["quant.fallback=false", "quant.equalize=false"], write_over_budget=True)
+    assert eq.passes[0].counts["depthwise_inputs_equalized"] == 2
+    assert "depthwise_inputs_equalized" not in plain.passes[0].counts
+    init = {t.name: numpy_helper.to_array(t) for t in eq.model.graph.initializer}
+    by_name = {n.name: n for n in eq.model.graph.node}
+    producer = {o: n for n in eq.model.graph.node for o in n.output}
+    a, b = (init[by_name[n].input[k]] for n, k in (("lab_mul", 0), ("lab_add", 1)))
+    assert a.shape == b.shape == (8, 1, 1) and np.allclose(b / a, 0.25 / 1.5)  # (x * a + b) * s, per channel
+    assert a.min() >= 1.5 and a.max() > 1.5 * 10
+    for conv, inp in (("dw0", "c0"), ("dw1", "l")):
+        # the tensor's range is unchanged (no channel is stretched past it), each channel fills it
+        (scale, zero), (plain_scale, plain_zero) = quantize_params(eq.model, inp), quantize_params(plain.model, inp)
+        assert zero == plain_zero and np.isclose(scale, plain_scale, rtol=1e-6)
+        assert init[producer[by_name[conv].input[1]].input[1]].shape == (8,)  # weights per channel absorb s
+    x = samples(8, seed=50)
+    want = [run(model, f)["y"] for f in x]
+
+    def error(m):
+        return sum(float(np.sum((run(m, f)["y"] - w) ** 2)) for f, w in zip(x, want))
+
+    assert error(eq.model) < 0.5 * error(plain.model)
+    assert eq.verification["outputs"][0]["cosine"] > plain.verification["outputs"][0]["cosine"]
+    again = static(eq.model)  # quantized already: nothing to do a second time
+    assert "depthwise_inputs_equalized" not in again.passes[0].counts
+
+
+def test_depthwise_equalization_is_exact_in_float():
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.graph import Names
+
+    model = depthwise_net()
+    graph = gs.import_onnx(model)
+    found = static_mod.depthwise_inputs(graph)
+    assert [(c.name, p.name, a.name if a else None) for c, p, a in found] == [
+        ("dw0", "conv0", None), ("dw1", "lab_mul", "lab_add")]
+    rng = np.random.default_rng(3)
+    lo = {"c0": -rng.uniform(0.01, 3, 8), "l": -rng.uniform(0.01, 3, 8)}
+    hi = {"c0": rng.uniform(0.01, 3, 8), "l": rng.uniform(0.01, 3, 8)}
+    assert static_mod.equalize_depthwise(found, lo, hi, Names(graph)) == 2
+    out = gs.export_onnx(graph.cleanup())
+    for f in samples(4, seed=70):
+        np.testing.assert_allclose(run(out, f)["y"], run(model, f)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_equalization_leaves_what_it_cannot_prove_free():
+    import onnx_graphsurgeon as gs
+
+    shared = static_mod.depthwise_inputs(gs.import_onnx(depthwise_net(share=True)))
+    assert [c.name for c, _, _ in shared] == ["dw0"]  # the affine block's output has a second reader
+    model = depthwise_net()
+    for node in model.graph.node:
+        if node.name == "hswish":
+            node.input[1] = "c1"  # x * x: fine; the Mul by a non-constant below is not
+        if node.name == "lab_mul":
+            node.input[0] = "c1"
+        if node.name == "dw0":
+            node.attribute[0].i = 4  # group 4: not depthwise
+            model.graph.initializer[2].CopyFrom(numpy_helper.from_array(
+                np.ones((8, 2, 3, 3), np.float32), "wd0"))
+    assert static_mod.depthwise_inputs(gs.import_onnx(model)) == []
+
+
 def test_weights_bias_and_carried_parameters():
     out = static(convnet()).model
     init = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
