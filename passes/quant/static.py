@@ -192,11 +192,11 @@ def channel_stretch(lo: np.ndarray, hi: np.ndarray, energy: np.ndarray | None = 
     channels past the observed L can pay even though it widens the step for all. Channels that
     never varied keep 1."""
     lo, hi = np.minimum(lo, 0.0).astype(np.float64), np.maximum(hi, 0.0).astype(np.float64)
-    live = (hi - lo) > 0
-    if not live.any() or hi.max() <= 0:
+    live = np.isfinite(lo) & np.isfinite(hi) & ((hi - lo) > 0)
+    if not live.any() or hi[live].max() <= 0:
         return np.ones(lo.shape, np.float32)
     e = np.ones(lo.shape) if energy is None else np.asarray(energy, np.float64)
-    observed = -lo.min() / hi.max()
+    observed = -lo[live].min() / hi[live].max()
     best, best_err = None, np.inf
     for rho in sorted(set(RATIOS) | {observed}):  # bounds [-rho, 1]
         if rho <= 0 and (lo < 0).any():
@@ -208,6 +208,8 @@ def channel_stretch(lo: np.ndarray, hi: np.ndarray, energy: np.ndarray | None = 
         err = float(np.sum(e[live] * ((1.0 + rho) / sc) ** 2))
         if err < best_err:
             best, best_err = sc, err
+    if best is None:
+        return np.ones(lo.shape, np.float32)
     out = np.ones(lo.shape)
     out[live] = best / best.min()
     return out.astype(np.float32)

@@ -170,6 +170,7 @@ def test_depthwise_inputs_share_the_uint8_range_and_err_less():
     assert "depthwise_inputs_equalized" not in again.passes[0].counts
 
 
+@pytest.mark.filterwarnings("error")  # a numpy warning would be a line on the user's stderr
 def test_channel_stretch_fills_the_range_and_weighs_the_cost():
     stretch = static_mod.channel_stretch
     # equal channels, and a channel that never varied: nothing to do
@@ -185,6 +186,9 @@ def test_channel_stretch_fills_the_range_and_weighs_the_cost():
     np.testing.assert_allclose(stretch(lo, hi, energy=np.array([1e-3, 1.0])), [1.0, 27.5], rtol=1e-6)
     # where it costs nothing: the range stays as observed
     np.testing.assert_allclose(stretch(lo, hi, energy=np.array([1.0, 1e-9])), [1.0, 1.0], rtol=1e-6)
+    # a channel that reached inf or NaN keeps 1, and does not set the others' factors
+    got = stretch(np.array([0.0, 0.0, -np.inf, np.nan]), np.array([8.0, 2.0, 1.0, 1.0]))
+    np.testing.assert_allclose(got, [1.0, 4.0, 1.0, 1.0], rtol=1e-6)
 
 
 def test_depthwise_equalization_is_exact_in_float():
