@@ -332,10 +332,10 @@ def _input_channel_constant(prev: gs.Node, x: gs.Tensor, conv: gs.Node) -> np.nd
     rank, channels = len(weight.shape), weight.shape[1] * conv.attrs.get("group", 1)
     if data.shape is None or x.shape is None or list(data.shape) != list(x.shape) or len(x.shape) != rank:
         return None  # the constant must not broadcast the data to a new shape
-    return _per_channel(const_value(consts[0]), weight.dtype, rank, channels)
+    return per_channel(const_value(consts[0]), weight.dtype, rank, channels)
 
 
-def _per_channel(c: np.ndarray | None, dtype, rank: int, channels: int) -> np.ndarray | None:
+def per_channel(c: np.ndarray | None, dtype, rank: int, channels: int) -> np.ndarray | None:
     """A constant of the weight's type that broadcasts over axis 1 of a rank-`rank` tensor alone
     (a scalar or one value per channel), as [channels] float64; else None."""
     if c is None or c.dtype != dtype or c.ndim > rank:
@@ -431,12 +431,12 @@ def _channel_affine(nxt: gs.Node, conv: gs.Node, graph: gs.Graph):
         return None
     if nxt.op == "Sub" and nxt.inputs[0] is not conv.outputs[0]:
         return None  # c - y is not a shift of y
-    per_channel = _per_channel(const_value(other[0]), weight.dtype, rank, channels)
-    if per_channel is None:
+    c = per_channel(const_value(other[0]), weight.dtype, rank, channels)
+    if c is None:
         return None  # not per output channel: it would broadcast along space or batch
     if nxt.op == "Mul":
-        return per_channel, np.zeros(channels)
-    return np.ones(channels), per_channel if nxt.op == "Add" else -per_channel
+        return c, np.zeros(channels)
+    return np.ones(channels), c if nxt.op == "Add" else -c
 
 
 def _out_axis(conv: gs.Node) -> int:

@@ -52,6 +52,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.graph import STANDARD_DOMAINS, Names, values
+from onnxopt.passes.fold import per_channel
 
 from .calib import gptq_columns, inverse_factor
 from .int8 import Site, quantize_columns
@@ -171,13 +172,8 @@ def _channel_constant(node: gs.Node, channels: int, rank: int) -> tuple[int, np.
     k = [i for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)]
     if len(k) != 1 or (node.op == "Sub" and k[0] != 1):
         return None
-    c = np.asarray(values(node.inputs[k[0]]))
-    if c.dtype != np.float32 or c.ndim > rank:
-        return None
-    full = c.reshape((1,) * (rank - c.ndim) + c.shape)
-    if any(d != 1 for i, d in enumerate(full.shape) if i != 1) or full.shape[1] not in (1, channels):
-        return None
-    return k[0], np.broadcast_to(full.reshape(-1), (channels,))
+    c = per_channel(np.asarray(values(node.inputs[k[0]])), np.float32, rank, channels)
+    return None if c is None else (k[0], c)
 
 
 RATIOS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0, 16.0)  # negative/positive bound ratios tried
@@ -223,6 +219,9 @@ def equalize_depthwise(found: list, lo: dict[str, np.ndarray], hi: dict[str, np.
     weight scales absorb s_c, so only the activation's rounding changes: a channel calibrated at
     0.4 in a tensor spanning 22 gets most of 8 bits instead of 3. lo/hi: per-channel extremes of
     the inputs, by name. Returns the number of convs rescaled."""
+    def replace(node, k, value):
+        node.inputs[k] = gs.Constant(names.new(f"{node.inputs[k].name}_equalized"), value.astype(np.float32))
+
     done = 0
     for conv, scaler, add in found:
         name = conv.inputs[0].name
@@ -232,23 +231,16 @@ def equalize_depthwise(found: list, lo: dict[str, np.ndarray], hi: dict[str, np.
         s = channel_stretch(lo[name], hi[name], np.square(dw.reshape(len(dw), -1)).sum(axis=1))
         if np.all(s == 1.0):
             continue
-        rank = len(conv.inputs[1].shape)
-        shape = (-1,) + (1,) * (rank - 2)
-        if scaler.op == "Conv":
-            w = np.asarray(values(scaler.inputs[1]), np.float32)
-            scaler.inputs[1] = gs.Constant(names.new(f"{scaler.inputs[1].name}_equalized"),
-                                           (w * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32))
+        rows = s.reshape((-1,) + (1,) * (dw.ndim - 1))  # per output channel of a weight of dw's rank
+        if scaler.op == "Conv":  # its output channels: weight rows and bias
+            replace(scaler, 1, values(scaler.inputs[1]) * rows)
             if len(scaler.inputs) > 2:
-                b = np.asarray(values(scaler.inputs[2]), np.float32)
-                scaler.inputs[2] = gs.Constant(names.new(f"{scaler.inputs[2].name}_equalized"),
-                                               (b * s).astype(np.float32))
+                replace(scaler, 2, values(scaler.inputs[2]) * s)
         else:
             for node in (scaler, add) if add is not None else (scaler,):
-                k, c = _channel_constant(node, len(s), rank)
-                node.inputs[k] = gs.Constant(names.new(f"{node.inputs[k].name}_equalized"),
-                                             (c * s).astype(np.float32).reshape(shape))
-        conv.inputs[1] = gs.Constant(names.new(f"{conv.inputs[1].name}_equalized"),
-                                     (dw / s.reshape((-1,) + (1,) * (dw.ndim - 1))).astype(np.float32))
+                k, c = _channel_constant(node, len(s), dw.ndim)
+                replace(node, k, (c * s).reshape(rows.shape[:-1]))  # [C, 1, ..]: over axis 1 of the data
+        replace(conv, 1, dw / rows)
         done += 1
     return done
 
