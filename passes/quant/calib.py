@@ -8,7 +8,8 @@ every sample's activations.
 from __future__ import annotations
 
 import tempfile
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -20,6 +21,15 @@ from .budget import copy_model
 
 def observe(model, names: list[str], samples: list[dict], each: Callable[[dict[str, np.ndarray]], None]) -> None:
     """Call `each({name: value})` for every sample, with the float model's values of `names`."""
+    with tapped(model, names) as run:
+        for feeds in samples:
+            each(run(feeds))
+
+
+@contextmanager
+def tapped(model, names: list[str]) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
+    """A session of a copy of `model` whose tensors `names` are also outputs: yields
+    run(feeds) -> {name: value} for one sample."""
     m = copy_model(model)
     tensors = m.graph.tensors()
     have = {t.name for t in m.graph.outputs}
@@ -34,9 +44,11 @@ def observe(model, names: list[str], samples: list[dict], each: Callable[[dict[s
         del m
         session = verification.reference_session(path)
         wanted = {i.name for i in session.get_inputs()}
-        for feeds in samples:
-            outs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
-            each(dict(zip(names, outs)))
+
+        def run(feeds: dict) -> dict[str, np.ndarray]:
+            return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+        yield run
 
 
 def channel_rows(x: np.ndarray, limit: int = 4096) -> np.ndarray:
@@ -54,15 +66,46 @@ DAMP = 0.01  # fraction of H's mean diagonal added to it (GPTQ's and SparseGPT's
 def input_products(model, names: list[str], samples: list[dict]) -> dict[str, np.ndarray]:
     """X^T X [K, K] of each named tensor (channels on its last axis) over the samples: the H that
     GPTQ and SparseGPT compensate errors through."""
-    products: dict[str, np.ndarray] = {}
+    grams: dict[str, Gram] = {}
 
     def add(outs):
         for name, x in outs.items():
-            rows = channel_rows(x, 1 << 16).astype(np.float64)
-            products[name] = products.get(name, 0) + rows.T @ rows
+            grams.setdefault(name, Gram()).add(channel_rows(x, 1 << 16))
 
     observe(model, sorted(set(names)), samples, add)
-    return products
+    return {name: g.total()[0] for name, g in grams.items()}
+
+
+class Gram:
+    """A^T A (and A^T B) summed in float64 over row blocks, gathered up to FLUSH_ROWS rows before
+    each product: a [K, K] product per short sample (a sentence's tokens) costs far more."""
+
+    FLUSH_ROWS = 4096
+
+    def __init__(self):
+        self.aa, self.ab = 0.0, 0.0
+        self.pending: list[tuple] = []
+        self.rows = 0
+
+    def add(self, a: np.ndarray, b: np.ndarray | None = None) -> None:
+        self.pending.append((a, b))
+        self.rows += len(a)
+        if self.rows >= self.FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        a = np.concatenate([p[0] for p in self.pending]).astype(np.float64)
+        self.aa = self.aa + a.T @ a
+        if self.pending[0][1] is not None:
+            self.ab = self.ab + a.T @ np.concatenate([p[1] for p in self.pending]).astype(np.float64)
+        self.pending, self.rows = [], 0
+
+    def total(self) -> tuple[np.ndarray, np.ndarray | float]:
+        """(A^T A, A^T B; 0.0 where no B was given)."""
+        self._flush()
+        return self.aa, self.ab
 
 
 def damped(h: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
