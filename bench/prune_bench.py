@@ -33,8 +33,11 @@ import onnxopt  # noqa: E402
 
 RUNS = {  # name -> optimize keywords
     "unstructured 50%, SparseGPT, per-layer levels": {"prune": "unstructured", "sparsity": 0.5, "calibrated": True},
-    "unstructured 50%, SparseGPT, uniform": {"prune": "unstructured", "sparsity": 0.5, "calibrated": True,
-                                             "options": {"prune": {"adaptive": False}}},
+    "unstructured 50%, SparseGPT, uniform, stage by stage": {
+        "prune": "unstructured", "sparsity": 0.5, "calibrated": True, "options": {"prune": {"adaptive": False}}},
+    "unstructured 50%, SparseGPT, uniform, all layers on the original inputs": {
+        "prune": "unstructured", "sparsity": 0.5, "calibrated": True,
+        "options": {"prune": {"adaptive": False, "sequential": False}}},
     "unstructured 50%, magnitude": {"prune": "unstructured", "sparsity": 0.5, "calibrated": False},
     "unstructured, largest inside cosine 0.99": {"prune": "unstructured", "calibrated": True},
     "2:4 where cosine 0.99 allows": {"prune": "2:4", "calibrated": True},
@@ -51,13 +54,17 @@ def main():
     ap.add_argument("--evaluation", type=int, default=128)
     ap.add_argument("--shared-models", type=Path, default=BENCH.parent.parent / "shared" / "models")
     ap.add_argument("--cache", type=Path, default=BENCH / ".cache")
+    ap.add_argument("--models", default="minilm_legacy,minilm_dynamo", help="comma-separated")
+    ap.add_argument("--runs", default="", help="only the runs whose label contains one of these (|-separated)")
+    ap.add_argument("--table", default="prune", help="writes bench/TABLE.md and bench/TABLE.json")
     args = ap.parse_args()
+    runs = {k: v for k, v in RUNS.items() if not args.runs or any(part in k for part in args.runs.split("|"))}
     calib_text, eval_text = text_data.split(args.calibration, args.evaluation)
     calibration, evaluation = text_data.encode(calib_text), text_data.encode(eval_text)
     work = args.cache / "prune"
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in ("minilm_legacy", "minilm_dynamo"):
+    for name in args.models.split(","):
         src = args.shared_models / rb.MODELS[name][1]
         if not src.exists():
             print(f"[{name}] skipped: {src} missing", flush=True)
@@ -68,7 +75,7 @@ def main():
         cal = [{k: v for k, v in f.items() if k in names} for f in calibration]
         ev = [{k: v for k, v in f.items() if k in names} for f in evaluation]
         ref = ib.outputs(src, ev)
-        for label, kw in RUNS.items():
+        for label, kw in runs.items():
             out = work / f"{name}.{len(rows)}.onnx"
             kw = dict(kw)
             calibrated = kw.pop("calibrated")
@@ -98,8 +105,8 @@ def main():
                      f"{r['emb_mean']:.4f} / {r['emb_min']:.4f} | {r['nn_agree']:.3f} | {r['compressed_size']:.3f} | "
                      f"{r['seconds']} |")
     lines.append("")
-    (BENCH / "prune.md").write_text("\n".join(lines))
-    (BENCH / "prune.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    (BENCH / f"{args.table}.md").write_text("\n".join(lines))
+    (BENCH / f"{args.table}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

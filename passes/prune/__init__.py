@@ -36,6 +36,7 @@ from ..quant.budget import Measure, copy_model, fit_budget
 from ..quant.calib import input_products
 from . import sparse
 from .structured import budget_share, run_structured
+from .teacher import prune_sequential
 
 METHODS = ("structured", "unstructured", "2:4")
 MIN_ELEMENTS = 1024  # smaller weights are left alone
@@ -63,6 +64,7 @@ class PrunePass(Pass):
     class Options:
         fallback: bool = True  # 2:4: layers go back to dense until the budget holds
         adaptive: bool = True  # unstructured: a sparsity per layer from measured sensitivity (needs calibration data)
+        sequential: bool = True  # the final plan pruned stage by stage against the original model (teacher.py)
 
     def run(self, model, ctx):
         if ctx.prune not in METHODS:
@@ -119,7 +121,21 @@ class PrunePass(Pass):
             if allocate is not None and plan is sparsity:
                 ctx.log("prune: the per-layer levels measured worse than one sparsity for all: kept uniform")
         before = {s.index: int(np.sum(np.asarray(values(graph.nodes[s.index].inputs[1])) == 0)) for s in chosen}
-        rewrite(model, chosen, plan)
+        sequential = False
+        if hessians and chosen and self.options.sequential:
+            trial = copy_model(model)
+            levels = plan if isinstance(plan, dict) else {s.index: plan for s in chosen}
+            prune_sequential(trial, model, chosen, levels, (2, 4) if ctx.prune == "2:4" else None,
+                             ctx.calibration_data, site_weight, _put)
+            staged = measure.score(trial)
+            ctx.log(f"prune: pruned stage by stage against the original model: worst output cosine {staged:.6f} "
+                    f"(all layers on the original inputs: {score:.6f})")
+            if staged > score:
+                for site in chosen:
+                    graph.nodes[site.index].inputs[1] = trial.graph.nodes[site.index].inputs[1]
+                sequential, score = True, staged
+        if not sequential:
+            rewrite(model, chosen, plan)
         layers = []
         row = {s.index: i for i, s in enumerate(sites)}
         for site in chosen:
@@ -135,7 +151,8 @@ class PrunePass(Pass):
                                 "layers": layers,
                                 "kept_dense": [s.label for s in sites if s not in chosen],
                                 "linear_weights": total, "zeros": zeros,
-                                "measured_cosine": round(score, 6), "refitted": bool(hessians)}
+                                "measured_cosine": round(score, 6), "refitted": bool(hessians),
+                                "sequential": sequential}
         ctx.log(f"prune: {ctx.prune}: {len(chosen)} of {len(sites)} layers, {zeros} of {total} weights zeroed "
                 f"({zeros / max(total, 1):.1%}), worst output mean cosine {score:.6f} on "
                 f"{len(ctx.evaluation)} sample(s)")
@@ -190,6 +207,12 @@ def prune_site(node: gs.Node, site: Site, hessians: dict, sparsity: float, metho
         pruned, _ = sparse.prune(w, hessians.get(node.inputs[0].name), sparsity, n_m)
         cache[key] = np.ascontiguousarray(pruned.T if transposed else pruned)
     node.inputs[1] = gs.Constant(node.inputs[1].name, cache[key])
+
+
+def _put(node: gs.Node, site: Site, w: np.ndarray) -> None:
+    """Set the node's weight to W [K, N] (stored transposed where the node reads it so)."""
+    _, transposed = site_weight(node, site)
+    node.inputs[1] = gs.Constant(node.inputs[1].name, np.ascontiguousarray(w.T if transposed else w))
 
 
 LEVELS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the sparsities a layer may get

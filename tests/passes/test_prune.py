@@ -246,3 +246,49 @@ def test_adaptive_sparsity_prunes_the_layer_that_matters_less():
     assert by_node["weak"] > 0.5 > by_node["strong"] and (by_node["weak"] + by_node["strong"]) / 2 >= 0.5
     assert d["measured_cosine"] > uniform.details["prune"]["measured_cosine"]
     assert adaptive.passes[0].counts["weights_zeroed"] >= 4096
+
+
+# ---------------------------------------------------------------------------------- sequential, teacher-guided
+
+
+def test_stages_follow_the_layers_upstream():
+    from onnxopt.graph import import_model
+    from onnxopt.passes.prune import find_sites
+    from onnxopt.passes.prune.teacher import stages
+
+    for model, want in ((mlp(), [["fc1"], ["fc2"]]), (two_branches(), [["strong", "weak"]])):
+        graph = import_model(model).graph
+        sites, _ = find_sites(graph)
+        assert [[s.label for s in group] for group in stages(graph, sites)] == want
+
+
+def test_teacher_weight_fits_the_original_outputs_on_the_new_inputs():
+    from onnxopt.passes.prune.teacher import teacher_weight
+
+    xd, w = correlated()
+    rng = np.random.default_rng(1)
+    xs = xd @ (np.eye(64) + 0.1 * rng.standard_normal((64, 64)))  # what pruned layers upstream hand on
+    xs += 0.3 * xd.std(axis=0) * rng.standard_normal(xd.shape)  # and what no linear map undoes
+    got = teacher_weight(w, xs.T @ xs, xs.T @ xd).astype(np.float64)
+    best = np.linalg.lstsq(xs, xd @ w, rcond=None)[0]
+    err, least, before = (np.linalg.norm(xs @ v - xd @ w) for v in (got, best, w))
+    assert least < err < 1.25 * least and err < 0.15 * before  # 1959, 1627, 14792
+    assert np.linalg.norm(got - w) < np.linalg.norm(best - w)  # the damping pulls toward W
+    np.testing.assert_allclose(teacher_weight(w, xd.T @ xd, xd.T @ xd), w, rtol=1e-4, atol=1e-5)  # same inputs: W
+
+
+def test_sequential_pruning_refits_to_the_original_model():
+    kw = {"passes": ["prune"], "prune": "unstructured", "sparsity": 0.6, "calibration_data": samples(32),
+          "min_cosine": 0.5}
+    staged = onnxopt.optimize(mlp(), options={"prune": {"adaptive": False}}, **kw)
+    apart = onnxopt.optimize(mlp(), options={"prune": {"adaptive": False, "sequential": False}}, **kw)
+    d = staged.details["prune"]
+    assert d["sequential"] and not apart.details["prune"]["sequential"]
+    assert d["measured_cosine"] > apart.details["prune"]["measured_cosine"]
+    w, w0 = weights(staged.model), weights(apart.model)
+    np.testing.assert_array_equal(w["w1"] == 0, w0["w1"] == 0)  # the first layer sees the original inputs
+    np.testing.assert_allclose(w["w1"], w0["w1"], rtol=1e-4, atol=1e-5)
+    assert np.all(np.sum(w["w2"] == 0, axis=0) == round(128 * 0.6))
+    assert any("pruned stage by stage against the original model" in line for line in staged.explain)
+    again = onnxopt.optimize(staged.model, options={"prune": {"adaptive": False}}, **kw)  # its own teacher
+    assert again.passes[0].counts == {}
