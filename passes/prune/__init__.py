@@ -12,7 +12,9 @@ every layer;
 `--prune 2:4` zeroes 2 of every 4 consecutive weights along the reduction axis (the pattern
 sparse tensor cores and TensorRT run), in every layer the budget allows, the most sensitive
 layers kept dense. Both prune by SparseGPT (sparse.py): with calibration data each layer's
-weights are refitted to its calibration inputs as they are removed; without, by magnitude.
+weights are refitted to its calibration inputs as they are removed; without, by magnitude. The
+plan found on the original model's activations is then pruned again stage by stage against the
+original model (teacher.py), and that is kept where it measures better.
 
 Sites: MatMul and Gemm with a constant 2-D weight, and onnxruntime's Attention (its packed QKV
 weight). A weight another node also reads is left alone. Zeros in dense tensors shrink the file
