@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.graph import STANDARD_DOMAINS, Names, is_constant, refresh_shapes, values
 
 from ..quant.budget import Measure, copy_model
-from ..quant.calib import channel_rows, observe
+from ..quant.calib import Gram, channel_rows, observe
 from .groups import Group, find_groups
 
 FLUSH_ROWS = 8192  # calibration rows gathered before they are added to a Gram
@@ -96,23 +96,13 @@ def collect(model, groups: list[Group], samples: list[dict]) -> list[Stats]:
                     r = channel_rows(_rows(x, axis), 1 << 16)
                     if g.refit[1] is not None:
                         r = np.hstack([r, np.ones((len(r), 1), r.dtype)])
-                    pending[gi].append(r)
+                    grams.setdefault(gi, Gram(FLUSH_ROWS)).add(r)
                     st.rows += len(r)
-                    if sum(len(p) for p in pending[gi]) >= FLUSH_ROWS:
-                        flush(gi)
 
-    pending: list[list[np.ndarray]] = [[] for _ in groups]
-
-    def flush(gi):  # one product over many samples' rows: a [K, K] sum per sample costs far more
-        if pending[gi]:
-            r = np.concatenate(pending[gi]).astype(np.float64)
-            st = stats[gi]
-            st.gram = r.T @ r if st.gram is None else st.gram + r.T @ r
-            pending[gi] = []
-
+    grams: dict[int, Gram] = {}
     observe(model, sorted(wanted), samples, add)
-    for gi in range(len(groups)):
-        flush(gi)
+    for gi, gram in grams.items():
+        stats[gi].gram = gram.total()[0]
     n = max(1, counts[0])
     for st in stats:
         st.positions = {k: v / n for k, v in st.positions.items()}

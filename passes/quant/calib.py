@@ -77,20 +77,18 @@ def input_products(model, names: list[str], samples: list[dict]) -> dict[str, np
 
 
 class Gram:
-    """A^T A (and A^T B) summed in float64 over row blocks, gathered up to FLUSH_ROWS rows before
+    """A^T A (and A^T B) summed in float64 over row blocks, gathered up to `flush_rows` rows before
     each product: a [K, K] product per short sample (a sentence's tokens) costs far more."""
 
-    FLUSH_ROWS = 4096
-
-    def __init__(self):
+    def __init__(self, flush_rows: int = 4096):
         self.aa, self.ab = 0.0, 0.0
         self.pending: list[tuple] = []
-        self.rows = 0
+        self.rows, self.flush_rows = 0, flush_rows
 
     def add(self, a: np.ndarray, b: np.ndarray | None = None) -> None:
         self.pending.append((a, b))
         self.rows += len(a)
-        if self.rows >= self.FLUSH_ROWS:
+        if self.rows >= self.flush_rows:
             self._flush()
 
     def _flush(self) -> None:
