@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..quant.calib import Gram, channel_rows, damped, tapped
+from ..quant.calib import Forward, Gram, channel_rows, damped
 from . import sparse
 
 ROWS = 1 << 16  # at most this many rows of a tensor per sample (as input_products takes)
@@ -54,32 +54,23 @@ def teacher_weight(w: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
     return np.linalg.solve(hh, rhs).astype(np.float32)
 
 
-def paired_products(teacher_run, model, names: list[str], samples: list[dict]) -> dict[str, tuple]:
-    """{name: (Xs^T Xs, Xs^T Xd)} over the samples, Xs from `model` and Xd from `teacher_run`
-    (a `tapped` run of the original model that gives at least `names`)."""
-    grams = {name: Gram() for name in names}
-    with tapped(model, names) as run:
-        for feeds in samples:
-            now, then = run(feeds), teacher_run(feeds)
-            for name in names:
-                grams[name].add(channel_rows(now[name], ROWS), channel_rows(then[name], ROWS))
-    return {name: g.total() for name, g in grams.items()}
-
-
 def prune_sequential(model, teacher, sites: list, levels: dict, n_m, samples: list[dict], weight_of, put) -> None:
     """Prune `sites` of `model` (a copy of `teacher`) in place, stage by stage: site.index -> its
-    level in `levels`; weight_of(node, site) -> (W [K, N], transposed); put(node, site, W)."""
+    level in `levels`; weight_of(node, site) -> (W [K, N], transposed); put(node, site, W). Both
+    models run forward a stage at a time (`calib.Forward`), so the whole costs about two runs of
+    each over the samples, not two per stage."""
     nodes = model.graph.nodes
     active = [s for s in sites if levels.get(s.index, 0.0) > 0]
-    names = sorted({nodes[s.index].inputs[0].name for s in active})
-    with tapped(teacher, names) as teacher_run:
-        for group in stages(model.graph, active):
-            wanted = sorted({nodes[s.index].inputs[0].name for s in group})
-            products = paired_products(teacher_run, model, wanted, samples)
-            for site in group:
-                node = nodes[site.index]
-                h, c = products[node.inputs[0].name]
-                w, _ = weight_of(node, site)
-                target = teacher_weight(w, h, c)
-                pruned, _ = sparse.prune(target, h, levels[site.index], n_m)
-                put(node, site, pruned)
+    student, original = Forward(samples), Forward(samples)
+    for group in stages(model.graph, active):
+        wanted = sorted({nodes[s.index].inputs[0].name for s in group})
+        grams = {name: Gram() for name in wanted}
+        for now, then in zip(student.step(model, wanted), original.step(teacher, wanted)):
+            for name in wanted:
+                grams[name].add(channel_rows(now[name], ROWS), channel_rows(then[name], ROWS))
+        for site in group:
+            node = nodes[site.index]
+            h, c = grams[node.inputs[0].name].total()
+            w, _ = weight_of(node, site)
+            pruned, _ = sparse.prune(teacher_weight(w, h, c), h, levels[site.index], n_m)
+            put(node, site, pruned)

@@ -12,9 +12,10 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxopt import verify as verification
-from onnxopt.graph import export_model
+from onnxopt.graph import export_model, subgraphs
 
 from .budget import copy_model
 
@@ -49,6 +50,90 @@ def tapped(model, names: list[str]) -> Iterator[Callable[[dict], dict[str, np.nd
             return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
 
         yield run
+
+
+CACHE_BYTES = 1 << 30  # Forward keeps at most this many bytes of activations over all samples
+
+
+class Forward:
+    """Runs a model forward over the samples a segment at a time, for passes that change weights
+    as they go (teacher.py prunes a stage, then needs the next stage's inputs): `step(model,
+    names)` runs only the nodes the named tensors need that no earlier step ran, from the values
+    it kept, and keeps per sample the values that nodes not run yet read. A value is final once
+    computed, so the caller may change only weights of nodes no step has run yet (a stage's own
+    sites, which are never upstream of the tensors a step is asked for). The same kernels run as
+    in a whole-model run, so the values are the same.
+
+    Kept values past CACHE_BYTES (large feature maps over many samples), or a graph whose nodes
+    hold subgraphs (which read outer values unseen), and each step runs from the graph inputs."""
+
+    def __init__(self, samples: list[dict], limit: int = CACHE_BYTES):
+        self.samples, self.limit = samples, limit
+        self.kept: list[dict] | None = [{} for _ in samples]  # per sample: tensor name -> value
+        self.done: set[int] = set()  # positions in graph.nodes run by earlier steps
+
+    def step(self, model, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        """Yield {name: value} per sample, in the samples' order."""
+        graph = model.graph
+        if self.kept is not None and any(True for n in graph.nodes for _ in subgraphs(n)):
+            self.kept = None
+        if self.kept is None:
+            with tapped(model, names) as run:
+                for feeds in self.samples:
+                    yield run(feeds)
+            return
+        at = {id(n): i for i, n in enumerate(graph.nodes)}
+        tensors = graph.tensors()
+        fed = {t.name for t in graph.inputs}
+        have = set(self.kept[0]) | fed
+        segment, todo = set(), [tensors[n] for n in names]
+        while todo:
+            t = todo.pop()
+            if t.name in have or isinstance(t, gs.Constant) or not t.inputs:
+                continue
+            i = at[id(t.inputs[0])]
+            if i not in segment:
+                segment.add(i)
+                todo.extend(graph.nodes[i].inputs)
+        if not segment:
+            for feeds, kept in zip(self.samples, self.kept):
+                yield {n: kept[n] if n in kept else feeds[n] for n in names}
+            return
+        run_nodes = [graph.nodes[i] for i in sorted(segment)]
+        read = {t.name for n in run_nodes for t in n.inputs if t.name in have}
+        later = self.done | segment
+        out = set(names) | {t.name for n in run_nodes for t in n.outputs
+                            if any(at.get(id(c), -1) not in later for c in t.outputs)}
+        sub = copy_model(model)
+        st = sub.graph.tensors()
+        example = {**self.samples[0], **self.kept[0]}
+        for name in read:
+            t = st[name]
+            if t.dtype is None:
+                t.dtype = example[name].dtype
+        sub.graph.inputs = [st[n] for n in sorted(read)]
+        sub.graph.outputs = [st[n] for n in sorted(out)]
+        sub.graph.nodes = [sub.graph.nodes[i] for i in sorted(segment)]
+        inputs, outputs = sorted(read), sorted(out)
+        for t in sub.graph.outputs:
+            if t.dtype is None:
+                t.dtype = np.float32
+        with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
+            session = verification.reference_session(
+                verification.write_for_runtime(export_model(sub), tmp, consume=True))
+            del sub
+            for feeds, kept in zip(self.samples, self.kept):
+                values = {**feeds, **kept}
+                got = dict(zip(outputs, session.run(outputs, {n: values[n] for n in inputs})))
+                kept.update(got)
+                yield {n: got[n] if n in got else values[n] for n in names}
+        self.done |= segment
+        wanted = {t.name for i, n in enumerate(graph.nodes) if i not in self.done for t in n.inputs}
+        for kept in self.kept:
+            for name in [n for n in kept if n not in wanted]:
+                del kept[name]
+        if sum(v.nbytes for kept in self.kept for v in kept.values()) > self.limit:
+            self.kept = None
 
 
 def channel_rows(x: np.ndarray, limit: int = 4096) -> np.ndarray:

@@ -292,3 +292,43 @@ def test_sequential_pruning_refits_to_the_original_model():
     assert any("pruned stage by stage against the original model" in line for line in staged.explain)
     again = onnxopt.optimize(staged.model, options={"prune": {"adaptive": False}}, **kw)  # its own teacher
     assert again.passes[0].counts == {}
+
+
+def skip_chain() -> onnx.ModelProto:
+    """fc1 -> Relu -> fc2, + x (a skip), Reshape to fc1's output shape (an int64 tensor computed
+    early and read late) -> fc3."""
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), oh.make_node("Shape", ["h"], ["s"]),
+             oh.make_node("Relu", ["h"], ["r"]), oh.make_node("MatMul", ["r", "w2"], ["y2"], name="fc2"),
+             oh.make_node("Add", ["y2", "x"], ["z"]), oh.make_node("Reshape", ["z", "s"], ["z2"]),
+             oh.make_node("MatMul", ["z2", "w3"], ["y"], name="fc3")]
+    inits = [weight("w1", [64, 64], 0), weight("w2", [64, 64], 1), weight("w3", [64, 32], 2)]
+    graph = oh.make_graph(nodes, "skip", [oh.make_tensor_value_info("x", F, ["N", 64])],
+                          [oh.make_tensor_value_info("y", F, ["N", 32])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("limit", [1 << 30, 0])
+def test_forward_steps_give_the_whole_runs_values_as_weights_change(limit):
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.graph import import_model
+    from onnxopt.passes.quant.calib import Forward, tapped
+
+    model = import_model(skip_chain())
+    nodes = {n.name: n for n in model.graph.nodes}
+    data = samples(4)
+    fw = Forward(data, limit)
+    for names, then_change in ((["x"], "fc1"), (["r"], "fc2"), (["z2", "h"], None)):
+        got = list(fw.step(model, names))
+        with tapped(model, names) as run:
+            for feeds, values in zip(data, got):
+                want = run(feeds)
+                assert set(values) == set(names)
+                assert all(np.array_equal(values[n], want[n]) for n in names)
+        if then_change:  # as teacher.py prunes a stage once its inputs are in
+            w = nodes[then_change].inputs[1]
+            nodes[then_change].inputs[1] = gs.Constant(w.name, np.where(np.abs(w.values) < 0.5, 0, w.values))
+    if limit:  # only what fc3, not run yet, reads is still kept
+        assert fw.kept is not None and all(set(kept) == {"z2"} for kept in fw.kept)
+    else:  # past the limit each step runs from the graph inputs
+        assert fw.kept is None
