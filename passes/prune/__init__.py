@@ -66,13 +66,13 @@ class PrunePass(Pass):
     class Options:
         fallback: bool = True  # 2:4: layers go back to dense until the budget holds
         adaptive: bool = True  # unstructured: a sparsity per layer from measured sensitivity (needs calibration data)
-        sequential: bool = True  # the final plan pruned stage by stage against the original model (teacher.py)
+        sequential: bool = True  # the final plan pruned (structured: refitted) stage by stage against the original
 
     def run(self, model, ctx):
         if ctx.prune not in METHODS:
             raise UsageError(f"bad --prune {ctx.prune}: expected one of {', '.join(METHODS)}")
         if ctx.prune == "structured":
-            return run_structured(model, ctx)
+            return run_structured(model, ctx, self.options.sequential)
         graph = model.graph
         sites, skipped = find_sites(graph)
         for label, reason in skipped.items():

@@ -31,8 +31,9 @@ import onnx_graphsurgeon as gs
 from onnxopt.graph import STANDARD_DOMAINS, Names, is_constant, refresh_shapes, values
 
 from ..quant.budget import Measure, copy_model
-from ..quant.calib import Gram, channel_rows, observe
+from ..quant.calib import Forward, Gram, channel_rows, observe
 from .groups import Group, find_groups
+from .teacher import residual, stages
 
 FLUSH_ROWS = 8192  # calibration rows gathered before they are added to a Gram
 DAMP = 0.01  # of G's mean diagonal, added to it before inversion (as GPTQ and SparseGPT)
@@ -275,22 +276,84 @@ def unit_macs(graph: gs.Graph, g: Group, st: Stats) -> float:
     return macs
 
 
+class _Put:
+    """put(node, j, value): a new constant for the node's input j, under the old one's name unless
+    another node reads it."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph, self.names = graph, None
+
+    def __call__(self, node: gs.Node, j: int, value: np.ndarray) -> None:
+        old = node.inputs[j]
+        name = old.name
+        if len(old.outputs) > 1:
+            self.names = self.names or Names(self.graph)
+            name = self.names.new(f"{old.name}_pruned")
+        node.inputs[j] = gs.Constant(name, np.ascontiguousarray(value))
+
+
+def _write_consumer(graph: gs.Graph, g: Group, w: np.ndarray, b: np.ndarray | None, put: _Put) -> None:
+    """Set the refitted consumer's weight from W [inputs, outputs], and its bias."""
+    node = graph.nodes[g.refit[0]]
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        w = w.T
+    elif node.op == "Conv":
+        w = w.T.reshape(node.inputs[1].shape)
+    put(node, 1, w.astype(np.float32))
+    if b is not None:
+        put(graph.nodes[g.refit[1][0]], g.refit[1][1], b.astype(np.float32))
+
+
+def refit_to_teacher(model, teacher, groups: list[Group], samples: list[dict]) -> int:
+    """Refit every refittable consumer of the pruned `model` to the outputs the unpruned `teacher`
+    gives, on the inputs the consumer now gets, stage by stage (teacher.py's order, both models
+    run forward a stage at a time): W' minimizing ||[Xs 1] W' - [Xd 1] [W; b]||^2, damped toward
+    the weights it has (the refit on the original inputs). Units cut upstream change what later
+    layers read; the refit in `apply` sees only the original activations. Returns how many."""
+    graph = model.graph
+    at = {g.refit[0]: g for g in groups if g.refit is not None}
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    student, original = Forward(samples), Forward(samples)
+    for stage in stages(graph, [_Site(i) for i in at]):
+        todo = [at[s.index] for s in stage]
+        grams = [Gram(FLUSH_ROWS) for _ in todo]
+        skips = [residual(graph, g.refit[0], position) for g in todo]
+        wanted = sorted({g.reads for g in todo} | {r for r in skips if r})
+        for now, then in zip(student.step(model, wanted), original.step(teacher, wanted)):
+            for g, gram, skip in zip(todo, grams, skips):
+                axis = channel_axis(g)
+                a, b = (channel_rows(_rows(x[g.reads], axis), 1 << 16) for x in (now, then))
+                if g.refit[1] is not None:
+                    a, b = (np.hstack([r, np.ones((len(r), 1), r.dtype)]) for r in (a, b))
+                if skip:  # the drift of what the output is added to: the refit may take it up
+                    drift = (channel_rows(_rows(then[skip], axis), 1 << 16)
+                             - channel_rows(_rows(now[skip], axis), 1 << 16))
+                    b = np.hstack([b, drift])
+                gram.add(a, b)
+        for g, gram, skip in zip(todo, grams, skips):
+            h, c = gram.total()
+            w = _augmented(graph, g)
+            hh = _damped(h)
+            t = _augmented(teacher.graph, g)
+            rhs = c[:, :len(t)] @ t + (hh - h) @ w
+            if skip:
+                rhs += c[:, len(t):]
+            new = np.linalg.solve(hh, rhs)
+            _write_consumer(graph, g, *((new[:-1], new[-1]) if g.refit[1] is not None else (new, None)), _Put(graph))
+    return len(at)
+
+
+@dataclass
+class _Site:  # a consumer's place in graph.nodes, as teacher.stages takes it
+    index: int
+
+
 def apply(model, groups: list[Group], stats: list[Stats], plan: dict[int, list[int]], cache: dict) -> None:
     """Remove the planned units ({group index: units}) from the model, refitting consumers."""
     graph = model.graph
     cuts: dict[tuple[int, int], dict[int, list[np.ndarray]]] = {}
     tensors = graph.tensors()
-    names = None
-
-    def put(node: gs.Node, j: int, value: np.ndarray) -> None:
-        """A new constant for the node's input j: the old one's name, unless another node reads it."""
-        nonlocal names
-        old = node.inputs[j]
-        name = old.name
-        if len(old.outputs) > 1:
-            names = names or Names(graph)
-            name = names.new(f"{old.name}_pruned")
-        node.inputs[j] = gs.Constant(name, np.ascontiguousarray(value))
+    put = _Put(graph)
     for gi, removed in plan.items():
         if not removed:
             continue
@@ -299,17 +362,7 @@ def apply(model, groups: list[Group], stats: list[Stats], plan: dict[int, list[i
             key = (gi, tuple(sorted(removed)))
             if key not in cache:
                 cache[key] = refit(graph, g, stats[gi], sorted(removed))
-            w, b = cache[key]
-            node = graph.nodes[g.refit[0]]
-            if node.op == "Gemm" and node.attrs.get("transB", 0):
-                new = w.T
-            elif node.op == "Conv":
-                new = w.T.reshape(node.inputs[1].shape)
-            else:
-                new = w
-            put(node, 1, new.astype(np.float32))
-            if b is not None:
-                put(graph.nodes[g.refit[1][0]], g.refit[1][1], b.astype(np.float32))
+            _write_consumer(graph, g, *cache[key], put)
         units = np.asarray(sorted(removed))
         pos = (units[:, None] * g.width + np.arange(g.width)[None]).ravel()
         for cut in g.cuts:
@@ -348,7 +401,7 @@ def budget_share(ctx) -> float:
     return 1.0 - QUANT_SHARE.get(ctx.quant, QUANT_SHARE_OTHER)
 
 
-def run_structured(model, ctx) -> Counter:
+def run_structured(model, ctx, sequential: bool = True) -> Counter:
     graph = model.graph
     groups, skipped = find_groups(graph)
     for label, reason in skipped.items():
@@ -434,8 +487,22 @@ def run_structured(model, ctx) -> Counter:
     levels = levels_at(n)
     plan = plan_of(levels)
     ops_before = model_macs(model, ctx.evaluation[0] if ctx.evaluation else None)
+    original = copy_model(model)
     apply(model, groups, stats, plan, cache)
     refresh_shapes(model)
+    staged = False
+    if sequential and plan and ctx.calibration_data:
+        trial_model = copy_model(model)
+        refit_to_teacher(trial_model, original, groups, ctx.calibration_data)
+        s = measure.score(trial_model)
+        ctx.log(f"prune: consumers refitted stage by stage to the original model: worst output cosine {s:.6f} "
+                f"(refitted on the original inputs: {score:.6f})")
+        if s > score:
+            for g in groups:
+                if g.refit is not None:
+                    for i, j in ((g.refit[0], 1),) + ((g.refit[1],) if g.refit[1] is not None else ()):
+                        model.graph.nodes[i].inputs[j] = trial_model.graph.nodes[i].inputs[j]
+            staged, score = True, s
     ops_after = model_macs(model, ctx.evaluation[0] if ctx.evaluation else None)
     rows = []
     counts = Counter()
@@ -457,7 +524,7 @@ def run_structured(model, ctx) -> Counter:
                             "prunable_params": int(total_params), "params_removed": removed_params,
                             "prunable_macs_per_sample": all_macs, "macs_removed_per_sample": removed_macs,
                             "measured_cosine": round(score, 6), "budget": round(measure.budget, 6),
-                            "calibration_samples": len(samples),
+                            "calibration_samples": len(samples), "sequential": staged,
                             "model_macs": {"before": ops_before, "after": ops_after}}
     ctx.log(f"prune: structured: {', '.join(f'{v} {k[:-8]}' for k, v in counts.items() if k.endswith('_removed'))}"
             f" removed in {counts['groups_pruned']} of {len(groups)} groups: {removed_params} weights "

@@ -13,6 +13,12 @@ The teacher's target is Xd W. Its least-squares fit on the inputs the layer now 
 W* = H^-1 C W (damped toward W), and for any W', ||Xs W' - Xd W||^2 = ||Xs W' - Xs W*||^2 plus a
 constant: pruning W* by SparseGPT on H (sparse.py) with its exact refit solves the teacher's
 problem for the mask it picks. The first stage sees the original inputs, so W* = W there.
+
+Where the layer's output is added to a residual R (a transformer block's output projection and
+FFN down-projection), what the block passes on is Xs W' + Rs against the teacher's Xd W + Rd:
+the target becomes Xd W + (Rd - Rs), so the layer also takes up what the residual stream has
+drifted by (on MiniLM's structured pruning at --min-cosine 0.95: held-back cosine 0.9471 without
+this term, 0.9545 with it, against 0.9506 for the refit on the original inputs).
 """
 
 from __future__ import annotations
@@ -43,13 +49,33 @@ def stages(graph: gs.Graph, sites: list) -> list[list]:
     return [out[k] for k in sorted(out)]
 
 
-def teacher_weight(w: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """W* [K, N] = (H + dI)^-1 (C W + d W): the layer's best fit on its current inputs (H = Xs^T Xs)
-    to the teacher's outputs (C = Xs^T Xd), damped toward W as `calib.damped` damps H."""
+def residual(graph: gs.Graph, index: int, at: dict[int, int]) -> str | None:
+    """The tensor the output of graph.nodes[index] (past a bias Add) is added to, as in a residual
+    block, where it comes from before the node in the graph's order (and so not from its output);
+    None where there is none. at: id(node) -> position."""
+    out = graph.nodes[index].outputs[0]
+    for _ in range(2):
+        if len(out.outputs) != 1 or out.outputs[0].op != "Add" or len(out.outputs[0].inputs) != 2:
+            return None
+        add = out.outputs[0]
+        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+        if not isinstance(other, gs.Constant):
+            return other.name if not other.inputs or at.get(id(other.inputs[0]), index) < index else None
+        out = add.outputs[0]
+    return None
+
+
+def teacher_weight(w: np.ndarray, h: np.ndarray, c: np.ndarray, drift: np.ndarray | None = None) -> np.ndarray:
+    """W* [K, N] = (H + dI)^-1 (C W + d W + D): the layer's best fit on its current inputs (H =
+    Xs^T Xs) to the teacher's outputs (C = Xs^T Xd), damped toward W as `calib.damped` damps H.
+    D = Xs^T (Rd - Rs) where the output is added to a residual R: the fit then also takes up what
+    R drifted by, so the sum matches the teacher's."""
     k = w.shape[0]
     hh, dead = damped(h, k)
     w64 = w.astype(np.float64)
     rhs = c @ w64 + (hh - h) @ w64  # C W + d W (the dead inputs' rows aside)
+    if drift is not None:
+        rhs += drift
     rhs[dead] = 0.0
     return np.linalg.solve(hh, rhs).astype(np.float32)
 
@@ -62,15 +88,23 @@ def prune_sequential(model, teacher, sites: list, levels: dict, n_m, samples: li
     nodes = model.graph.nodes
     active = [s for s in sites if levels.get(s.index, 0.0) > 0]
     student, original = Forward(samples), Forward(samples)
+    at = {id(n): i for i, n in enumerate(nodes)}
     for group in stages(model.graph, active):
-        wanted = sorted({nodes[s.index].inputs[0].name for s in group})
-        grams = {name: Gram() for name in wanted}
+        skips = {s.index: residual(model.graph, s.index, at) for s in group}
+        wanted = sorted({nodes[s.index].inputs[0].name for s in group} | {r for r in skips.values() if r})
+        grams = {s.index: Gram() for s in group}
         for now, then in zip(student.step(model, wanted), original.step(teacher, wanted)):
-            for name in wanted:
-                grams[name].add(channel_rows(now[name], ROWS), channel_rows(then[name], ROWS))
+            for site in group:
+                x, skip = nodes[site.index].inputs[0].name, skips[site.index]
+                a, b = channel_rows(now[x], ROWS), channel_rows(then[x], ROWS)
+                if skip:
+                    b = np.hstack([b, channel_rows(then[skip], ROWS) - channel_rows(now[skip], ROWS)])
+                grams[site.index].add(a, b)
         for site in group:
             node = nodes[site.index]
-            h, c = grams[node.inputs[0].name].total()
+            h, c = grams[site.index].total()
             w, _ = weight_of(node, site)
-            pruned, _ = sparse.prune(teacher_weight(w, h, c), h, levels[site.index], n_m)
+            k = w.shape[0]
+            target = teacher_weight(w, h, c[:, :k], c[:, k:] if skips[site.index] else None)
+            pruned, _ = sparse.prune(target, h, levels[site.index], n_m)
             put(node, site, pruned)

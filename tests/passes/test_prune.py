@@ -275,6 +275,13 @@ def test_teacher_weight_fits_the_original_outputs_on_the_new_inputs():
     assert least < err < 1.25 * least and err < 0.15 * before  # 1959, 1627, 14792
     assert np.linalg.norm(got - w) < np.linalg.norm(best - w)  # the damping pulls toward W
     np.testing.assert_allclose(teacher_weight(w, xd.T @ xd, xd.T @ xd), w, rtol=1e-4, atol=1e-5)  # same inputs: W
+    # added to a residual that drifted by r: the fit takes up what of r the inputs can explain
+    r = xs @ rng.standard_normal((64, 48)) * 0.05 + rng.standard_normal((len(xs), 48))
+    got = teacher_weight(w, xs.T @ xs, xs.T @ xd, xs.T @ r).astype(np.float64)
+    best = np.linalg.lstsq(xs, xd @ w + r, rcond=None)[0]
+    plain = teacher_weight(w, xs.T @ xs, xs.T @ xd)
+    err, least, plain = (np.linalg.norm(xs @ v - xd @ w - r) for v in (got, best, plain))
+    assert least < err < 1.25 * least and err < 0.9 * plain, (err, least, plain)
 
 
 def test_sequential_pruning_refits_to_the_original_model():
