@@ -309,15 +309,22 @@ def refit_to_teacher(model, teacher, groups: list[Group], samples: list[dict]) -
     gives, on the inputs the consumer now gets, stage by stage (teacher.py's order, both models
     run forward a stage at a time): W' minimizing ||[Xs 1] W' - [Xd 1] [W; b]||^2, damped toward
     the weights it has (the refit on the original inputs). Units cut upstream change what later
-    layers read; the refit in `apply` sees only the original activations. Returns how many."""
+    layers read; the refit in `apply` sees only the original activations. Returns how many.
+    A consumer whose outputs are another group's units (a conv net's 1x1 convs) keeps its refit:
+    matching the teacher would need its kept outputs' places."""
     graph = model.graph
-    at = {g.refit[0]: g for g in groups if g.refit is not None}
+    at = {g.refit[0]: g for g in groups  # a consumer whose outputs another group cut is left as it is
+          if g.refit is not None and _augmented(graph, g).shape[1] == _augmented(teacher.graph, g).shape[1]}
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     student, original = Forward(samples), Forward(samples)
     for stage in stages(graph, [_Site(i) for i in at]):
         todo = [at[s.index] for s in stage]
-        grams = [Gram(FLUSH_ROWS) for _ in todo]
         skips = [residual(graph, g.refit[0], position) for g in todo]
+        grams = []
+        for g, skip in zip(todo, skips):  # Xs^T of the teacher's outputs [Xd 1] [W; b] (plus the drift
+            # of what the output is added to, which the refit may take up) is all the fit needs
+            t = _augmented(teacher.graph, g)
+            grams.append(Gram(FLUSH_ROWS, np.vstack([t, np.eye(t.shape[1])]) if skip else t))
         wanted = sorted({g.reads for g in todo} | {r for r in skips if r})
         for now, then in zip(student.step(model, wanted), original.step(teacher, wanted)):
             for g, gram, skip in zip(todo, grams, skips):
@@ -325,20 +332,15 @@ def refit_to_teacher(model, teacher, groups: list[Group], samples: list[dict]) -
                 a, b = (channel_rows(_rows(x[g.reads], axis), 1 << 16) for x in (now, then))
                 if g.refit[1] is not None:
                     a, b = (np.hstack([r, np.ones((len(r), 1), r.dtype)]) for r in (a, b))
-                if skip:  # the drift of what the output is added to: the refit may take it up
-                    drift = (channel_rows(_rows(then[skip], axis), 1 << 16)
-                             - channel_rows(_rows(now[skip], axis), 1 << 16))
-                    b = np.hstack([b, drift])
+                if skip:
+                    b = np.hstack([b, channel_rows(_rows(then[skip], axis), 1 << 16)
+                                   - channel_rows(_rows(now[skip], axis), 1 << 16)])
                 gram.add(a, b)
-        for g, gram, skip in zip(todo, grams, skips):
+        for g, gram in zip(todo, grams):
             h, c = gram.total()
             w = _augmented(graph, g)
             hh = _damped(h)
-            t = _augmented(teacher.graph, g)
-            rhs = c[:, :len(t)] @ t + (hh - h) @ w
-            if skip:
-                rhs += c[:, len(t):]
-            new = np.linalg.solve(hh, rhs)
+            new = np.linalg.solve(hh, c + (hh - h) @ w)
             _write_consumer(graph, g, *((new[:-1], new[-1]) if g.refit[1] is not None else (new, None)), _Put(graph))
     return len(at)
 
@@ -392,6 +394,7 @@ QUANT_SHARE = {"dynamic": 0.1, "fp16": 0.05, "mixed": 0.05}
 QUANT_SHARE_OTHER = 0.25
 REFERENCE_LEVEL = 0.5  # of its removable units, where each group's loss is measured alone
 MAX_MEASURED = 48  # above this many groups, local errors alone rank them
+EXTEND_TRIALS = 3  # measured trials of the stage-by-stage refit past the plain refit's budget (each runs both models)
 
 
 def budget_share(ctx) -> float:
@@ -484,25 +487,44 @@ def run_structured(model, ctx, sequential: bool = True) -> Counter:
         n = lo
         ctx.log(f"prune: the most multiply-adds removed inside the budget (cosine >= {measure.budget:.4f}): "
                 f"{n} of {len(steps)} steps")
-    levels = levels_at(n)
-    plan = plan_of(levels)
-    ops_before = model_macs(model, ctx.evaluation[0] if ctx.evaluation else None)
-    original = copy_model(model)
-    apply(model, groups, stats, plan, cache)
-    refresh_shapes(model)
     staged = False
-    if sequential and plan and ctx.calibration_data:
-        trial_model = copy_model(model)
-        refit_to_teacher(trial_model, original, groups, ctx.calibration_data)
-        s = measure.score(trial_model)
+    if sequential and ctx.calibration_data and n:  # the consumers refitted to the original model (see
+        # refit_to_teacher) where that measures better; inside a budget it may then prune further
+        def refitted(k: int):
+            m = copy_model(model)
+            apply(m, groups, stats, plan_of(levels_at(k)), cache)
+            refit_to_teacher(m, model, groups, ctx.calibration_data)
+            return m, measure.score(m)
+
+        best, s = refitted(n)
         ctx.log(f"prune: consumers refitted stage by stage to the original model: worst output cosine {s:.6f} "
                 f"(refitted on the original inputs: {score:.6f})")
         if s > score:
-            for g in groups:
-                if g.refit is not None:
-                    for i, j in ((g.refit[0], 1),) + ((g.refit[1],) if g.refit[1] is not None else ()):
-                        model.graph.nodes[i].inputs[j] = trial_model.graph.nodes[i].inputs[j]
             staged, score = True, s
+            if ctx.sparsity is None and s >= measure.budget:  # further: over a quarter more steps, at most
+                lo, hi = n, min(len(steps), n + max(4, n // 4))  # EXTEND_TRIALS bisection steps
+                for _ in range(EXTEND_TRIALS):
+                    if lo >= hi:
+                        break
+                    mid = (lo + hi + 1) // 2
+                    m, s = refitted(mid)
+                    if s >= measure.budget:
+                        lo, best, score = mid, m, s
+                    else:
+                        hi = mid - 1
+                if lo > n:
+                    ctx.log(f"prune: with that refit, {lo} of {len(steps)} steps inside the budget")
+                n = lo
+    levels = levels_at(n)
+    plan = plan_of(levels)
+    ops_before = model_macs(model, ctx.evaluation[0] if ctx.evaluation else None)
+    apply(model, groups, stats, plan, cache)
+    if staged:
+        for g in groups:
+            if g.refit is not None:
+                for i, j in ((g.refit[0], 1),) + ((g.refit[1],) if g.refit[1] is not None else ()):
+                    model.graph.nodes[i].inputs[j] = best.graph.nodes[i].inputs[j]
+    refresh_shapes(model)
     ops_after = model_macs(model, ctx.evaluation[0] if ctx.evaluation else None)
     rows = []
     counts = Counter()

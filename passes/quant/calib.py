@@ -162,13 +162,14 @@ def input_products(model, names: list[str], samples: list[dict]) -> dict[str, np
 
 
 class Gram:
-    """A^T A (and A^T B) summed in float64 over row blocks, gathered up to `flush_rows` rows before
-    each product: a [K, K] product per short sample (a sentence's tokens) costs far more."""
+    """A^T A (and A^T B, or A^T (B R) for a fixed R) summed in float64 over row blocks, gathered up
+    to `flush_rows` rows before each product: a product per short sample (a sentence's tokens)
+    costs far more, the more so between onnxruntime runs whose threads still spin."""
 
-    def __init__(self, flush_rows: int = 4096):
+    def __init__(self, flush_rows: int = 4096, right: np.ndarray | None = None):
         self.aa, self.ab = 0.0, 0.0
         self.pending: list[tuple] = []
-        self.rows, self.flush_rows = 0, flush_rows
+        self.rows, self.flush_rows, self.right = 0, flush_rows, right
 
     def add(self, a: np.ndarray, b: np.ndarray | None = None) -> None:
         self.pending.append((a, b))
@@ -182,7 +183,8 @@ class Gram:
         a = np.concatenate([p[0] for p in self.pending]).astype(np.float64)
         self.aa = self.aa + a.T @ a
         if self.pending[0][1] is not None:
-            self.ab = self.ab + a.T @ np.concatenate([p[1] for p in self.pending]).astype(np.float64)
+            b = np.concatenate([p[1] for p in self.pending]).astype(np.float64)
+            self.ab = self.ab + a.T @ (b if self.right is None else b @ self.right)
         self.pending, self.rows = [], 0
 
     def total(self) -> tuple[np.ndarray, np.ndarray | float]:
