@@ -44,6 +44,7 @@ METHODS = ("structured", "unstructured", "2:4")
 MIN_ELEMENTS = 1024  # smaller weights are left alone
 SEARCH_STEPS = 7  # bisection steps for the largest uniform sparsity inside the budget
 MAX_SPARSITY = 0.95
+EXTEND_SPAN, EXTEND_TRIALS = 0.12, 3  # past the budget's sparsity, stage by stage: how far up, how many trials
 
 
 @dataclass
@@ -125,17 +126,33 @@ class PrunePass(Pass):
         before = {s.index: int(np.sum(np.asarray(values(graph.nodes[s.index].inputs[1])) == 0)) for s in chosen}
         sequential = False
         if hessians and chosen and self.options.sequential:
-            trial = copy_model(model)
-            levels = plan if isinstance(plan, dict) else {s.index: plan for s in chosen}
-            prune_sequential(trial, model, chosen, levels, (2, 4) if ctx.prune == "2:4" else None,
-                             ctx.calibration_data, site_weight, _put)
-            staged = measure.score(trial)
+            def staged_trial(p):
+                m = copy_model(model)
+                levels = p if isinstance(p, dict) else {s.index: p for s in chosen}
+                prune_sequential(m, model, chosen, levels, (2, 4) if ctx.prune == "2:4" else None,
+                                 ctx.calibration_data, site_weight, _put)
+                return m, measure.score(m)
+
+            best, staged = staged_trial(plan)
             ctx.log(f"prune: pruned stage by stage against the original model: worst output cosine {staged:.6f} "
                     f"(all layers on the original inputs: {score:.6f})")
             if staged > score:
-                for site in chosen:
-                    graph.nodes[site.index].inputs[1] = trial.graph.nodes[site.index].inputs[1]
                 sequential, score = True, staged
+                if ctx.prune == "unstructured" and ctx.sparsity is None and staged >= measure.budget:
+                    lo, hi = sparsity, min(MAX_SPARSITY, sparsity + EXTEND_SPAN)  # further, by a short bisection
+                    for _ in range(EXTEND_TRIALS):
+                        mid = round((lo + hi) / 2, 4)
+                        p = allocate(mid) if isinstance(plan, dict) else mid
+                        m, s = staged_trial(p)
+                        if s >= measure.budget:
+                            lo, best, score, plan = mid, m, s, p
+                        else:
+                            hi = mid
+                    if lo > sparsity:
+                        ctx.log(f"prune: stage by stage, the largest sparsity inside the budget: {lo:.3f}")
+                        sparsity = lo
+                for site in chosen:
+                    graph.nodes[site.index].inputs[1] = best.graph.nodes[site.index].inputs[1]
         if not sequential:
             rewrite(model, chosen, plan)
         layers = []

@@ -339,3 +339,16 @@ def test_forward_steps_give_the_whole_runs_values_as_weights_change(limit):
         assert fw.kept is not None and all(set(kept) == {"z2"} for kept in fw.kept)
     else:  # past the limit each step runs from the graph inputs
         assert fw.kept is None
+
+
+def test_inside_a_budget_stage_by_stage_pruning_prunes_further():
+    kw = {"passes": ["prune"], "prune": "unstructured", "min_cosine": 0.95, "calibration_data": samples(32)}
+    on = onnxopt.optimize(mlp(), options={"prune": {"adaptive": False}}, **kw)
+    off = onnxopt.optimize(mlp(), options={"prune": {"adaptive": False, "sequential": False}}, **kw)
+    a, b = on.details["prune"], off.details["prune"]
+    assert a["sequential"] and not b["sequential"]
+    assert a["sparsity"] > b["sparsity"] and a["zeros"] > b["zeros"]  # 0.550 against 0.505
+    assert a["measured_cosine"] >= 0.95 and b["measured_cosine"] >= 0.95
+    assert any("stage by stage, the largest sparsity inside the budget" in line for line in on.explain)
+    w = weights(on.model)
+    assert a["zeros"] == sum(int(np.sum(x == 0)) for x in w.values())
