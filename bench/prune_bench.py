@@ -40,6 +40,8 @@ RUNS = {  # name -> optimize keywords
         "options": {"prune": {"adaptive": False, "sequential": False}}},
     "unstructured 50%, magnitude": {"prune": "unstructured", "sparsity": 0.5, "calibrated": False},
     "unstructured, largest inside cosine 0.99": {"prune": "unstructured", "calibrated": True},
+    "unstructured, largest inside cosine 0.99, all layers on the original inputs": {
+        "prune": "unstructured", "calibrated": True, "options": {"prune": {"sequential": False}}},
     "2:4 where cosine 0.99 allows": {"prune": "2:4", "calibrated": True},
 }
 

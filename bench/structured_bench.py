@@ -168,19 +168,34 @@ def main():
         old = json.loads((BENCH / "structured.json").read_text())
         kept = [r for r in old["rows"] if r["model"] not in wanted]
         rows = kept + rows
-        source = old.get("kept_from") or old["environment"]
-        kept_from = {"models": sorted({r["model"] for r in kept}), "date": source["date"],
-                     "command": source["command"]}
+        kept_from = provenance(old, {r["model"] for r in kept})
     write(rows, args, kept_from)
+
+
+def provenance(old: dict, models: set) -> list[dict]:
+    """Where the kept rows of `models` come from: the earlier runs the old table names for them,
+    else the run that wrote it."""
+    earlier = old.get("kept_from") or []
+    earlier = [earlier] if isinstance(earlier, dict) else earlier
+    out, named = [], set()
+    for source in earlier:
+        mine = sorted(models & set(source["models"]))
+        named |= set(mine)
+        if mine:
+            out.append({"models": mine, "date": source["date"], "command": source["command"]})
+    rest = sorted(models - named)
+    if rest:
+        out.append({"models": rest, "date": old["environment"]["date"], "command": old["environment"]["command"]})
+    return out
 
 
 def write(rows, args, kept_from=None):
     env = rb.environment(sys.argv)
     lines = ["# Structured pruning: onnxopt --prune structured against onnxsim's apply_structured_pruning", "",
              f"- date: {env['date']}", f"- command: `{env['command']}`"]
-    if kept_from:
-        lines.append(f"- the rows of {', '.join(kept_from['models'])} come from an earlier run: "
-                     f"{kept_from['date']}, `{kept_from['command']}`")
+    for source in kept_from or []:
+        lines.append(f"- the rows of {', '.join(source['models'])} come from an earlier run: "
+                     f"{source['date']}, `{source['command']}`")
     lines += [
              f"- machine: {env['cpu']}, nproc={env['nproc']}; Python {env['python']}; "
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),

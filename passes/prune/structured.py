@@ -17,6 +17,12 @@ the model's outputs. The steps (a chunk of one group's units) are then taken gre
 least estimated loss per multiply-add removed; the plan is a prefix of that order: the one
 reaching `--sparsity` (of the prunable layers' weights), or the longest whose measured result
 keeps the budget.
+
+Those refits see the original model's activations only, but a consumer's inputs change once the
+groups before it are cut. With calibration data the plan's consumers are then refitted stage by
+stage to the original model's outputs on the inputs they now get (`refit_to_teacher`, the
+teacher.py form); kept where it measures better, and inside a budget a few more bisection steps
+look for a longer prefix with it.
 """
 
 from __future__ import annotations
