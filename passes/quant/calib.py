@@ -122,18 +122,22 @@ class Forward:
             session = verification.reference_session(
                 verification.write_for_runtime(export_model(sub), tmp, consume=True))
             del sub
+            size = sum(v.nbytes for kept in self.kept for v in kept.values())
             for feeds, kept in zip(self.samples, self.kept):
                 values = {**feeds, **kept}
                 got = dict(zip(outputs, session.run(outputs, {n: values[n] for n in inputs})))
-                kept.update(got)
+                if size <= self.limit:  # past it, nothing more is kept and later steps start over
+                    kept.update(got)
+                    size += sum(v.nbytes for v in got.values())
                 yield {n: got[n] if n in got else values[n] for n in names}
+        if size > self.limit:
+            self.kept = None
+            return
         self.done |= segment
         wanted = {t.name for i, n in enumerate(graph.nodes) if i not in self.done for t in n.inputs}
         for kept in self.kept:
             for name in [n for n in kept if n not in wanted]:
                 del kept[name]
-        if sum(v.nbytes for kept in self.kept for v in kept.values()) > self.limit:
-            self.kept = None
 
 
 def channel_rows(x: np.ndarray, limit: int = 4096) -> np.ndarray:
