@@ -111,10 +111,10 @@ class Forward:
             t = st[name]
             if t.dtype is None:
                 t.dtype = example[name].dtype
-        sub.graph.inputs = [st[n] for n in sorted(read)]
-        sub.graph.outputs = [st[n] for n in sorted(out)]
-        sub.graph.nodes = [sub.graph.nodes[i] for i in sorted(segment)]
         inputs, outputs = sorted(read), sorted(out)
+        sub.graph.inputs = [st[n] for n in inputs]
+        sub.graph.outputs = [st[n] for n in outputs]
+        sub.graph.nodes = [sub.graph.nodes[i] for i in sorted(segment)]
         for t in sub.graph.outputs:
             if t.dtype is None:
                 t.dtype = np.float32
