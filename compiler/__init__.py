@@ -172,7 +172,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     ctx = Context(target=target, max_opset=max_opset, quant=quant, prune=prune, sparsity=sparsity,
                   min_cosine=budget, calibration_data=calibration,
                   inputs=given, evaluation=evaluation, explain=explain, log=notes.append,
-                  devices=devices, pins=list(pins or []), passes=tuple(ordered))
+                  devices=devices, pins=list(pins or []), passes=tuple(ordered), argmax=check.argmax)
     each = functools.partial(check.after_pass, m=m) if verify == "each" else None
     records = run_passes(m, ordered, pass_options, ctx, after_each=each,
                          progress=lambda i, n, name: say(f"[{i + 1}/{n}] {name}"))
@@ -272,6 +272,7 @@ class _Checker:
         self.skipped = "--verify none" if mode == "none" else None
         self.outputs: list[dict] = []
         self.final_outputs: list[dict] | None = None  # the result's outputs on the feeds
+        self.argmax = verification.argmax_axes(proto)  # outputs whose argmax agreement counts too
         if mode == "none":
             return
         self.feeds = feeds
@@ -301,11 +302,11 @@ class _Checker:
             except (verification.RuntimeUnavailable, verification.RunFailed) as e:
                 raise VerificationError(f"pass {p.name!r} produced a model onnxruntime cannot run: {e}",
                                         pass_name=p.name) from None
-        metrics = verification.compare_samples(self.previous, got, p.tolerance, self.budget)
+        metrics = verification.compare_samples(self.previous, got, p.tolerance, self.budget, self.argmax)
         record.verification = [x.as_dict() for x in metrics]
         if p.tolerance == "lossy" and self.over_budget_ok:
-            self.over_budget += [f"pass {p.name!r}: {x.name!r} {x.note or f'cosine {x.cosine:.6f}'} "
-                                 f"(budget {self.budget})" for x in metrics if not x.ok]
+            self.over_budget += [f"pass {p.name!r}: {x.name!r} {_miss(x)} (budget {self.budget})"
+                                 for x in metrics if not x.ok]
         else:
             _raise_if_bad(metrics, f"pass {p.name!r}", p.name, p.tolerance, self.budget)
         self.previous = got
@@ -319,12 +320,11 @@ class _Checker:
         except (verification.RuntimeUnavailable, verification.RunFailed) as e:
             raise VerificationError(f"the optimized model cannot run on onnxruntime: {e}") from None
         self.final_outputs = got
-        metrics = verification.compare_samples(self.reference, got, tolerance, self.budget)
+        metrics = verification.compare_samples(self.reference, got, tolerance, self.budget, self.argmax)
         self.outputs = [x.as_dict() for x in metrics]
         label = f"pass {ordered[0]!r}" if len(ordered) == 1 else f"passes {','.join(ordered)}"
         if tolerance == "lossy" and self.over_budget_ok:  # the caller accepts a miss: report it, write
-            self.over_budget += [f"{x.name!r} {x.note or f'cosine {x.cosine:.6f}'} (budget {self.budget})"
-                                for x in metrics if not x.ok]
+            self.over_budget += [f"{x.name!r} {_miss(x)} (budget {self.budget})" for x in metrics if not x.ok]
             return
         _raise_if_bad(metrics, label, ordered[0] if len(ordered) == 1 else None, tolerance, self.budget)
 
@@ -339,14 +339,22 @@ def _tolerance(ordered: list[str], pass_options: dict) -> str:
     return "lossy" if "lossy" in kinds else "fp32" if "fp32" in kinds else "exact"
 
 
+def _miss(x) -> str:
+    """How an output missed the budget: its note, or its cosine (and argmax agreement)."""
+    if x.note:
+        return x.note
+    return f"cosine {x.cosine:.6f}" + ("" if x.agreement is None else f", argmax agreement {x.agreement:.4f}")
+
+
 def _raise_if_bad(metrics, label: str, pass_name: str | None, tolerance: str = "fp32",
                   budget: float = 0.99) -> None:
     bad = [x for x in metrics if not x.ok]
     if not bad:
         return
     if tolerance == "lossy":  # every output that missed the budget, and by how much
-        detail = "; ".join(f"{x.name!r} {x.note or f'cosine {x.cosine:.6f}'}" for x in bad)
-        raise VerificationError(f"{label} missed the error budget (cosine >= {budget}): {detail}; "
+        detail = "; ".join(f"{x.name!r} {_miss(x)}" for x in bad)
+        what = "cosine and argmax agreement" if any(x.agreement is not None for x in bad) else "cosine"
+        raise VerificationError(f"{label} missed the error budget ({what} >= {budget}): {detail}; "
                                 "nothing was written (--write-over-budget writes it anyway)",
                                 pass_name=pass_name, output=bad[0].name)
     x = bad[0]

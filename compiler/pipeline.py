@@ -58,6 +58,7 @@ class Context:
     details: dict[str, Any] = field(default_factory=dict)  # per pass, what the report shows beyond counts
     passes: tuple[str, ...] = ()  # the passes this run applies, in order
     reference: list | None = None  # the outputs lossy passes compare with (set by the first one's measure)
+    argmax: dict = field(default_factory=dict)  # outputs whose argmax agreement the budget bounds too
     explain: bool = False
     log: Callable[[str], None] = lambda message: None
 

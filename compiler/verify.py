@@ -38,6 +38,10 @@ class OutputMetrics:
     note: str = ""
     worst_cosine: float | None = None  # the lowest sample's cosine, over several samples
     samples: int = 1
+    # for an output a Softmax or LogSoftmax computes (`argmax_axes`): the fraction of its argmaxes
+    # (one per position along the other axes) that agree with the reference's, over all samples
+    agreement: float | None = None
+    positions: int = 0  # how many argmaxes `agreement` counts
 
     def as_dict(self):
         return asdict(self)
@@ -313,11 +317,52 @@ def _short(e: BaseException) -> str:
 # ----------------------------------------------------------------------------------- metrics
 
 
+# ----------------------------------------------------------------------------------- argmax
+
+PROBABILITY_OPS = ("Softmax", "LogSoftmax")
+
+
+def argmax_axis(op: str, domain: str, attrs: dict, opset: int) -> tuple[int, bool] | None:
+    """For a node computing a graph output: (axis, flat) where it is a Softmax or LogSoftmax (the
+    axis its probabilities run along; flat before opset 13, where the op normalizes over all the
+    axes from `axis` on, as one), else None."""
+    if op not in PROBABILITY_OPS or domain not in ("", "ai.onnx"):
+        return None
+    return int(attrs.get("axis", -1 if opset >= 13 else 1)), opset < 13
+
+
+def argmax_axes(model: onnx.ModelProto) -> dict[str, tuple[int, bool]]:
+    """The graph outputs that a Softmax or LogSoftmax computes (through Identity nodes): name ->
+    `argmax_axis`. Their argmax is what a classifier's user reads (a class, a character), and a
+    cosine of probabilities can stay high while close calls flip, so the lossy budget also
+    bounds their argmax agreement (`compare`)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for t in model.graph.output:
+        node = producers.get(t.name)
+        while node is not None and node.op_type == "Identity":
+            node = producers.get(node.input[0])
+        if node is not None:
+            found = argmax_axis(node.op_type, node.domain, {a.name: a.i for a in node.attribute}, opset)
+            if found is not None:
+                out[t.name] = found
+    return out
+
+
+def _argmaxes(x: np.ndarray, axis: int, flat: bool) -> np.ndarray:
+    axis = axis % max(x.ndim, 1)
+    if flat:
+        return np.argmax(x.reshape(int(np.prod(x.shape[:axis])), -1), axis=-1)
+    return np.argmax(x, axis=axis)
+
+
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: str = "fp32",
-            min_cosine: float = 0.99) -> list[OutputMetrics]:
+            min_cosine: float = 0.99, argmax: dict[str, tuple[int, bool]] | None = None) -> list[OutputMetrics]:
     """Per-output metrics; `ok` follows the tolerance class (`fp32`: rtol 1e-4 / atol 1e-5;
     `lossy`: the cosine against the reference at least `min_cosine`, and no NaN or Inf the
-    reference does not have)."""
+    reference does not have). For the outputs named in `argmax` (`argmax_axes`), the agreement of
+    the argmaxes too; in `lossy`, that agreement must also reach `min_cosine`."""
     rtol, atol = TOLERANCES.get(tolerance, TOLERANCES["fp32"])
     result = []
     for name, a in ref.items():
@@ -344,38 +389,48 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: s
         rel = err / np.maximum(np.abs(a64[finite]), 1e-12)
         max_rel = float(rel.max()) if rel.size else 0.0
         cosine = _cosine(a64[finite], b64[finite])
+        agreement, positions = None, 0
+        if argmax and name in argmax and a.ndim:
+            same = _argmaxes(a, *argmax[name]) == _argmaxes(b, *argmax[name])
+            agreement, positions = float(same.mean()) if same.size else 1.0, int(same.size)
         if tolerance == "lossy":
-            close = cosine >= min_cosine
+            close = cosine >= min_cosine and (agreement is None or agreement >= min_cosine)
         else:
             close = bool(np.all(err <= atol + rtol * np.abs(a64[finite])))
         ok = not nan_mismatch and not inf_mismatch and close
         result.append(OutputMetrics(name, max_abs, max_rel, cosine, ok,
-                                    "NaN/Inf positions differ" if nan_mismatch or inf_mismatch else ""))
+                                    "NaN/Inf positions differ" if nan_mismatch or inf_mismatch else "",
+                                    agreement=agreement, positions=positions))
     return result
 
 
 def compare_samples(refs: list[dict], gots: list[dict], tolerance: str = "fp32",
-                    min_cosine: float = 0.99) -> list[OutputMetrics]:
+                    min_cosine: float = 0.99, argmax: dict[str, tuple[int, bool]] | None = None) -> list[OutputMetrics]:
     """compare() over several samples: per output, the largest errors, the mean of the samples'
-    cosines (what the budget applies to) and the worst sample's in `worst_cosine`; `ok` when every
-    sample is within the fp32 tolerance, or for `lossy`, when the mean cosine is within the
-    budget and no sample has NaN or Inf where the reference does not."""
+    cosines (what the budget applies to) and the worst sample's in `worst_cosine`, the argmax
+    agreement over all the samples' positions; `ok` when every sample is within the fp32
+    tolerance, or for `lossy`, when the mean cosine (and the agreement) is within the budget and
+    no sample has NaN or Inf where the reference does not."""
     if len(refs) == 1:
-        return compare(refs[0], gots[0], tolerance, min_cosine)
-    per = [compare(r, g, tolerance, min_cosine) for r, g in zip(refs, gots)]
+        return compare(refs[0], gots[0], tolerance, min_cosine, argmax)
+    per = [compare(r, g, tolerance, min_cosine, argmax) for r, g in zip(refs, gots)]
     result = []
     for i, first in enumerate(per[0]):
         column = [p[i] for p in per]
         cosines = [x.cosine for x in column]
         mean = float(np.mean(cosines))
         broken = [x.note for x in column if x.note]
+        positions = sum(x.positions for x in column)
+        agreement = None
+        if any(x.agreement is not None for x in column):
+            agreement = sum((x.agreement or 0.0) * x.positions for x in column) / positions if positions else 1.0
         if tolerance == "lossy":
-            ok = not broken and mean >= min_cosine
+            ok = not broken and mean >= min_cosine and (agreement is None or agreement >= min_cosine)
         else:
             ok = all(x.ok for x in column)
         result.append(OutputMetrics(first.name, max(x.max_abs for x in column), max(x.max_rel for x in column),
                                     mean, ok, broken[0] if broken else "", worst_cosine=min(cosines),
-                                    samples=len(column)))
+                                    samples=len(column), agreement=agreement, positions=positions))
     return result
 
 

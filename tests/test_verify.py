@@ -400,3 +400,40 @@ def test_compare_samples_averages_cosines_and_keeps_the_worst():
     nan = [{"y": np.array([1.0, 0.0])}, {"y": np.array([np.nan, 1.0])}]
     (m,) = verify.compare_samples(ref, nan, "lossy", 0.1)
     assert not m.ok and m.note == "NaN/Inf positions differ"
+
+
+# ----------------------------------------------------------------------------------- argmax
+
+
+def _outputs_model(opset: int) -> onnx.ModelProto:
+    return onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>\n'
+                                   "g (float[2,3,4] x) => (float[2,3,4] y, float[2,3,4] z, float[2,3,4] r) {\n"
+                                   "  p = Softmax(x)\n  y = Identity(p)\n  z = LogSoftmax<axis = 1>(x)\n"
+                                   "  r = Relu(x)\n}")
+
+
+def test_argmax_axes_are_the_softmax_outputs():
+    assert verify.argmax_axes(_outputs_model(17)) == {"y": (-1, False), "z": (1, False)}
+    # before opset 13 Softmax normalizes over every axis from `axis` (default 1) on, as one
+    assert verify.argmax_axes(_outputs_model(12)) == {"y": (1, True), "z": (1, True)}
+
+
+def test_argmax_agreement_counts_positions_and_joins_the_lossy_budget():
+    ref = np.zeros((2, 3, 4), np.float32)
+    ref[..., 0] = 0.52
+    ref[..., 1] = 0.48
+    got = ref.copy()
+    got[0, 0, :2] = [0.48, 0.52]  # one of the 6 positions flips; the cosine stays high
+    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.8, {"y": (-1, False)})
+    assert (m.agreement, m.positions, m.ok) == (5 / 6, 6, True) and m.cosine > 0.99
+    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.9, {"y": (-1, False)})
+    assert not m.ok and m.note == ""
+    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.9)  # not a Softmax output: cosine alone
+    assert m.ok and m.agreement is None and m.positions == 0
+    # flat: one argmax per batch row over its 12 values; row 0's first 0.52 moved from 0 to 1
+    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.9, {"y": (1, True)})
+    assert (m.agreement, m.positions) == (0.5, 2)
+    # over samples, the agreement pools the positions (5 of 6, then 2 of 2: 7 of 8, not the mean 11/12)
+    (m,) = verify.compare_samples([{"y": ref}, {"y": ref[:1, :2]}], [{"y": got}, {"y": ref[:1, :2]}], "lossy",
+                                  0.9, {"y": (-1, False)})
+    assert (m.agreement, m.positions, m.samples, m.ok) == (7 / 8, 8, 2, False)

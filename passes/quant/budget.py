@@ -3,11 +3,11 @@
 `fit_budget` tries the rewrite of every site on a copy of the model and measures it on the
 evaluation samples (those the final verification uses: calibration samples held back, or the
 generated inputs) against the float model. When that misses the budget (`--min-cosine`: every
-output's mean cosine), each site's own error is measured (the model with only that site
-rewritten), and the most sensitive sites go back to float, as few as the budget allows (a
-binary search over the sensitivity order). Above 48 sites, runs of consecutive sites are
-measured and reverted together, so the cost stays bounded on large graphs. Returns what to
-rewrite and the measurements for the report.
+output's mean cosine, and the argmax agreement of an output a Softmax computes), each site's
+own error is measured (the model with only that site rewritten), and the most sensitive sites
+go back to float, as few as the budget allows (a binary search over the sensitivity order).
+Above 48 sites, runs of consecutive sites are measured and reverted together, so the cost stays
+bounded on large graphs. Returns what to rewrite and the measurements for the report.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ class Measure:
     """Runs models on the evaluation samples; compares with the float model's outputs (those of
     `model`, or `reference` when given)."""
 
-    def __init__(self, model: Model, samples: list[dict], budget: float, reference: list | None = None):
-        self.samples, self.budget = samples, budget
+    def __init__(self, model: Model, samples: list[dict], budget: float, reference: list | None = None,
+                 argmax: dict | None = None):
+        self.samples, self.budget, self.argmax = samples, budget, argmax
         self.reference = reference if reference is not None else self.run(model)
 
     @classmethod
@@ -52,7 +53,7 @@ class Measure:
         """The measure of a lossy pass: against the model before the first lossy pass of the run
         (so a later pass sees the error of those before it), with `share` of the loss budget
         (1 - --min-cosine) for a pass that leaves the rest to passes after it."""
-        m = cls(model, ctx.evaluation, 1.0 - (1.0 - (ctx.min_cosine or 0.99)) * share, ctx.reference)
+        m = cls(model, ctx.evaluation, 1.0 - (1.0 - (ctx.min_cosine or 0.99)) * share, ctx.reference, ctx.argmax)
         ctx.reference = m.reference
         return m
 
@@ -62,9 +63,10 @@ class Measure:
             return verification.run_samples(path, self.samples)
 
     def score(self, model: Model) -> float:
-        """The worst output's mean cosine (-1 when an output has new NaN or Inf)."""
-        metrics = verification.compare_samples(self.reference, self.run(model), "lossy", self.budget)
-        return min(-1.0 if m.note else m.cosine for m in metrics)
+        """The worst output's mean cosine, or argmax agreement where lower (the outputs in `argmax`:
+        `verify.argmax_axes`); -1 when an output has new NaN or Inf."""
+        metrics = verification.compare_samples(self.reference, self.run(model), "lossy", self.budget, self.argmax)
+        return min(-1.0 if m.note else min(m.cosine, 1.0 if m.agreement is None else m.agreement) for m in metrics)
 
 
 LATENCY_ROUNDS = 10  # interleaved runs of each model in latency_ratio
