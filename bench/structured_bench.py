@@ -182,10 +182,12 @@ def provenance(old: dict, models: set) -> list[dict]:
         mine = sorted(models & set(source["models"]))
         named |= set(mine)
         if mine:
-            out.append({"models": mine, "date": source["date"], "command": source["command"]})
+            out.append({"models": mine, "date": source["date"], "command": source["command"],
+                        "machine": source.get("machine")})
     rest = sorted(models - named)
     if rest:
-        out.append({"models": rest, "date": old["environment"]["date"], "command": old["environment"]["command"]})
+        env = old["environment"]
+        out.append({"models": rest, "date": env["date"], "command": env["command"], "machine": env.get("cpu")})
     return out
 
 
@@ -194,8 +196,9 @@ def write(rows, args, kept_from=None):
     lines = ["# Structured pruning: onnxopt --prune structured against onnxsim's apply_structured_pruning", "",
              f"- date: {env['date']}", f"- command: `{env['command']}`"]
     for source in kept_from or []:
+        on = f", on {source['machine']}" if source.get("machine") else ", machine not recorded"
         lines.append(f"- the rows of {', '.join(source['models'])} come from an earlier run: "
-                     f"{source['date']}, `{source['command']}`")
+                     f"{source['date']}, `{source['command']}`{on}")
     lines += [
              f"- machine: {env['cpu']}, nproc={env['nproc']}; Python {env['python']}; "
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
