@@ -71,12 +71,17 @@ class Forward:
         self.samples, self.limit = samples, limit
         self.kept: list[dict] | None = [{} for _ in samples]  # per sample: tensor name -> value
         self.done: set[int] = set()  # positions in graph.nodes run by earlier steps
+        self.open = False  # a step has started and not yet done its bookkeeping
 
     def step(self, model, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
-        """Yield {name: value} per sample, in the samples' order."""
+        """Yield {name: value} per sample, in the samples' order. The bookkeeping is done before
+        the last sample's values are yielded, so a consumer that stops there (zip over two
+        steps never resumes the second) leaves nothing undone; one that stops earlier leaves the
+        kept values partial, and the next step starts over from the graph inputs."""
         graph = model.graph
-        if self.kept is not None and any(True for n in graph.nodes for _ in subgraphs(n)):
+        if self.open or (self.kept is not None and any(True for n in graph.nodes for _ in subgraphs(n))):
             self.kept = None
+        self.open = False
         if self.kept is None:
             with tapped(model, names) as run:
                 for feeds in self.samples:
@@ -123,13 +128,22 @@ class Forward:
                 verification.write_for_runtime(export_model(sub), tmp, consume=True))
             del sub
             size = sum(v.nbytes for kept in self.kept for v in kept.values())
-            for feeds, kept in zip(self.samples, self.kept):
+            self.open = True
+            for k, (feeds, kept) in enumerate(zip(self.samples, self.kept)):
                 values = {**feeds, **kept}
                 got = dict(zip(outputs, session.run(outputs, {n: values[n] for n in inputs})))
                 if size <= self.limit:  # past it, nothing more is kept and later steps start over
                     kept.update(got)
                     size += sum(v.nbytes for v in got.values())
-                yield {n: got[n] if n in got else values[n] for n in names}
+                result = {n: got[n] if n in got else values[n] for n in names}
+                if k == len(self.samples) - 1:
+                    self._finish(graph, segment, size)
+                yield result
+
+    def _finish(self, graph, segment: set[int], size: int) -> None:
+        """After a step: its nodes are done, and only values that nodes not run yet read stay
+        kept (none, once past the limit)."""
+        self.open = False
         if size > self.limit:
             self.kept = None
             return

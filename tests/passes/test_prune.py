@@ -314,7 +314,8 @@ def skip_chain() -> onnx.ModelProto:
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
 
 
-@pytest.mark.parametrize("limit", [1 << 30, 0])
+# 20000 bytes: the second step's values pass the limit at its third sample of four
+@pytest.mark.parametrize("limit", [1 << 30, 0, 20000])
 def test_forward_steps_give_the_whole_runs_values_as_weights_change(limit):
     import onnx_graphsurgeon as gs
 
@@ -324,21 +325,24 @@ def test_forward_steps_give_the_whole_runs_values_as_weights_change(limit):
     model = import_model(skip_chain())
     nodes = {n.name: n for n in model.graph.nodes}
     data = samples(4)
-    fw = Forward(data, limit)
+    fw, beside = Forward(data, limit), Forward(data, limit)
     for names, then_change in ((["x"], "fc1"), (["r"], "fc2"), (["z2", "h"], None)):
-        got = list(fw.step(model, names))
+        # in pairs, as teacher.py runs them: zip never resumes the second after its last sample
+        got = list(zip(fw.step(model, names), beside.step(model, names)))
         with tapped(model, names) as run:
-            for feeds, values in zip(data, got):
+            for feeds, pair in zip(data, got):
                 want = run(feeds)
-                assert set(values) == set(names)
-                assert all(np.array_equal(values[n], want[n]) for n in names)
+                for values in pair:
+                    assert set(values) == set(names)
+                    assert all(np.array_equal(values[n], want[n]) for n in names)
+        assert not fw.open and not beside.open
         if then_change:  # as teacher.py prunes a stage once its inputs are in
             w = nodes[then_change].inputs[1]
             nodes[then_change].inputs[1] = gs.Constant(w.name, np.where(np.abs(w.values) < 0.5, 0, w.values))
-    if limit:  # only what fc3, not run yet, reads is still kept
-        assert fw.kept is not None and all(set(kept) == {"z2"} for kept in fw.kept)
+    if limit > 20000:  # only what fc3, not run yet, reads is still kept
+        assert all(f.kept is not None and all(set(kept) == {"z2"} for kept in f.kept) for f in (fw, beside))
     else:  # past the limit each step runs from the graph inputs
-        assert fw.kept is None
+        assert fw.kept is None and beside.kept is None
 
 
 def test_inside_a_budget_stage_by_stage_pruning_prunes_further():
