@@ -413,27 +413,31 @@ def _outputs_model(opset: int) -> onnx.ModelProto:
 
 
 def test_argmax_axes_are_the_softmax_outputs():
-    assert verify.argmax_axes(_outputs_model(17)) == {"y": (-1, False), "z": (1, False)}
+    assert verify.argmax_axes(_outputs_model(17)) == {"y": (-1, False, False), "z": (1, False, True)}
     # before opset 13 Softmax normalizes over every axis from `axis` (default 1) on, as one
-    assert verify.argmax_axes(_outputs_model(12)) == {"y": (1, True), "z": (1, True)}
+    assert verify.argmax_axes(_outputs_model(12)) == {"y": (1, True, False), "z": (1, True, True)}
 
 
 def test_argmax_agreement_counts_positions_and_joins_the_lossy_budget():
     ref = np.zeros((2, 3, 4), np.float32)
-    ref[..., 0] = 0.52
-    ref[..., 1] = 0.48
+    ref[..., :2] = [0.6, 0.4]
+    ref[1, 2, :2] = [0.52, 0.48]  # a close call of the original
     got = ref.copy()
-    got[0, 0, :2] = [0.48, 0.52]  # one of the 6 positions flips; the cosine stays high
-    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.8, {"y": (-1, False)})
-    assert (m.agreement, m.positions, m.ok) == (5 / 6, 6, True) and m.cosine > 0.99
-    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.9, {"y": (-1, False)})
+    got[0, 0, :2] = [0.4, 0.6]  # one of the 6 positions changes class; the cosine stays high
+    got[1, 2, :2] = [0.48, 0.52]  # and the close call flips: not counted (CLOSE_CALL 0.05)
+    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.8, {"y": (-1, False, False)})
+    assert (m.agreement, m.positions, m.ok) == (5 / 6, 6, True) and m.cosine > 0.95
+    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.9, {"y": (-1, False, False)})
     assert not m.ok and m.note == ""
     (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.9)  # not a Softmax output: cosine alone
     assert m.ok and m.agreement is None and m.positions == 0
-    # flat: one argmax per batch row over its 12 values; row 0's first 0.52 moved from 0 to 1
-    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.9, {"y": (1, True)})
+    # log-probabilities: the same decisions
+    (m,) = verify.compare({"y": np.log(ref + 1e-9)}, {"y": np.log(got + 1e-9)}, "lossy", 0.9, {"y": (-1, False, True)})
+    assert (m.agreement, m.positions) == (5 / 6, 6)
+    # flat: one argmax per batch row over its 12 values; row 0's first 0.6 moved from 0 to 1
+    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.9, {"y": (1, True, False)})
     assert (m.agreement, m.positions) == (0.5, 2)
     # over samples, the agreement pools the positions (5 of 6, then 2 of 2: 7 of 8, not the mean 11/12)
     (m,) = verify.compare_samples([{"y": ref}, {"y": ref[:1, :2]}], [{"y": got}, {"y": ref[:1, :2]}], "lossy",
-                                  0.9, {"y": (-1, False)})
+                                  0.9, {"y": (-1, False, False)})
     assert (m.agreement, m.positions, m.samples, m.ok) == (7 / 8, 8, 2, False)

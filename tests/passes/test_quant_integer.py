@@ -234,9 +234,10 @@ def test_sensitive_node_goes_back_to_float_until_the_budget_holds():
     assert metrics["ok"] and metrics["cosine"] >= 0.999 and metrics["samples"] == 4  # the held-back quarter
 
 
-def close_call_classifier():
-    """Two classes whose logits differ by about a tenth of what int8 weights err by: quantized,
-    the argmax flips on many rows while the probabilities (all near 0.5) keep a cosine ~1."""
+def flipping_classifier():
+    """Two classes whose logits differ by about what int8 weights and activations err by:
+    quantized, an eighth of the rows change class (by more than a close call), while the
+    probabilities keep a cosine above 0.99."""
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal((2048, 1)).astype(np.float32)
     w = np.concatenate([w0, w0 + 1e-2 * rng.standard_normal((2048, 1)).astype(np.float32)], 1)
@@ -245,27 +246,27 @@ def close_call_classifier():
          helper.make_node("Identity", ["p"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2048])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [numpy_helper.from_array(w, "w")])
-    samples = [{"x": 0.01 * rng.standard_normal((8, 2048)).astype(np.float32)} for _ in range(16)]
+    samples = [{"x": 0.25 * rng.standard_normal((16, 2048)).astype(np.float32)} for _ in range(16)]
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), samples
 
 
 def test_argmax_agreement_of_a_softmax_output_is_part_of_the_budget():
-    model, samples = close_call_classifier()
+    model, samples = flipping_classifier()
     kw = dict(passes=["quant"], quant="dynamic", target="ort", calibration_data=samples)
     kept = onnxopt.optimize(model, **kw, options=["quant.smooth=false"])
     assert kept.passes[0].counts == {"kept_float_for_budget": 1}
     assert ops(kept.model) == ["MatMul", "Softmax", "Identity"]
     (metrics,) = kept.verification["outputs"]
-    assert (metrics["agreement"], metrics["positions"], metrics["samples"]) == (1.0, 32, 4)
+    assert (metrics["agreement"], metrics["positions"], metrics["samples"]) == (1.0, 64, 4)
     with pytest.raises(onnxopt.VerificationError,
                        match=r"missed the error budget \(cosine and argmax agreement >= 0.99\): "
-                             r"'y' cosine 0\.9999\d+, argmax agreement 0\.\d+;"):
+                             r"'y' cosine 0\.99\d+, argmax agreement 0\.\d+;"):
         onnxopt.optimize(model, **kw, options=["quant.smooth=false", "quant.fallback=false"])
     written = onnxopt.optimize(model, **kw, options=["quant.smooth=false", "quant.fallback=false"],
                                write_over_budget=True)
     assert ops(written.model) == ["DynamicQuantizeMatMul", "Softmax", "Identity"]
     (metrics,) = written.verification["outputs"]
-    assert metrics["cosine"] > 0.9999 and metrics["agreement"] < 0.9 and not metrics["ok"]
+    assert metrics["cosine"] > 0.99 and metrics["agreement"] < 0.95 and not metrics["ok"]
 
 
 def test_smoothquant_moves_the_outlier_into_the_weight():
