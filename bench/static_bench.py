@@ -51,11 +51,15 @@ quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=Tr
 """
 # model: (file, source, data kind, calibration count, evaluation count)
 MODELS = {
-    "ppocr_rec": ("ch_PP-OCRv4_rec_infer.onnx", "ppocr", "rec", 64, 64),
+    "ppocr_rec": ("ch_PP-OCRv4_rec_infer.onnx", "ppocr", "rec", 256, 64),
     "ppocr_cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", "ppocr", "cls", 64, 64),
     "ppocr_det": ("ch_PP-OCRv4_det_infer.onnx", "ppocr", "det", 32, 24),
     "mobilenet_v2": ("mobilenet_v2_unfoldedbn_op17.onnx", "shared", "det224", 32, 32),
 }
+
+# a stricter budget beside the default, where the default misses what the issue asks (rec: 99% of
+# the characters)
+EXTRA_BUDGETS = {"ppocr_rec": ("0.995",)}
 
 
 def data(kind, count, part, folder: Path, name: str):
@@ -118,11 +122,17 @@ def main():
         evaluation = data(kind, n_eval, "evaluation", work / name / "evaluation", input_name)
         lat_feeds = evaluation[0]
         ref = outputs(src, evaluation)
-        made = {"onnxopt static": work / f"{name}.onnxopt.onnx", "quantize_static": work / f"{name}.ort.onnx"}
-        for tool, out in made.items():
-            if tool == "onnxopt static":
-                cmd = args.onnxopt_cmd.split() + [str(src), "-o", str(out), "--passes", "fold,cleanup,fuse,quant",
-                                                  "--quant", "static", "--calibration-data", str(calib), "-q"]
+        onnxopt = args.onnxopt_cmd.split() + [str(src), "-q", "-o"]
+        static = ["--passes", "fold,cleanup,fuse,quant", "--quant", "static", "--calibration-data", str(calib)]
+        made = [("onnxopt fold,cleanup,fuse (float)", work / f"{name}.fused.onnx",
+                 ["--passes", "fold,cleanup,fuse"]),
+                ("onnxopt static", work / f"{name}.onnxopt.onnx", static)]
+        made += [(f"onnxopt static, --min-cosine {c}", work / f"{name}.onnxopt{c}.onnx", static + ["--min-cosine", c])
+                 for c in EXTRA_BUDGETS.get(name, ())]
+        made.append(("quantize_static", work / f"{name}.ort.onnx", None))
+        for tool, out, flags in made:
+            if flags is not None:
+                cmd = onnxopt + [str(out)] + flags
             else:
                 cmd = [sys.executable, "-c", QUANTIZE_STATIC, str(src), str(out), str(calib)]
             p = subprocess.run(cmd, capture_output=True, text=True)
@@ -142,7 +152,11 @@ def main():
              f"- machine: {env['cpu']}, nproc={env['nproc']}; "
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if k in ("onnxruntime", "onnx", "numpy")),
              "- onnxopt: `--passes fold,cleanup,fuse,quant --quant static --calibration-data DIR` (default "
-             "budget 0.99); quantize_static: QDQ, per-channel, MinMax, uint8 activations, int8 weights",
+             "budget 0.99: every output's cosine, and the argmax agreement of a Softmax output, on the held-back "
+             "quarter of the calibration samples); the float row is the same run without quant (what the "
+             "fusions alone give); quantize_static: QDQ, per-channel, MinMax, uint8 activations, int8 weights",
+             "- samples (calibration / evaluation): " + ", ".join(
+                 f"{m} {v[3]} / {v[4]}" for m, v in MODELS.items()),
              "- agreement: rec, per output position's argmax; cls and mobilenet, argmax; det, pixels of the "
              "text map (probability > 0.3); latency: one thread, median of per-round ratios to the float model",
              "", "| model | tool | size | latency vs float | agreement | more | notes |",

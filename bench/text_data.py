@@ -93,7 +93,11 @@ def encode(sentences: list[str], max_len: int = 128) -> list[dict[str, np.ndarra
 
 
 def write_folder(feeds: list[dict[str, np.ndarray]], folder: Path) -> None:
+    """One .npz per sample (00000.npz, ...), as --calibration-data reads a folder; the folder's
+    earlier .npz files are removed first."""
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.npz"):  # a smaller count than last time must not leave samples behind
+        old.unlink()
     for i, feed in enumerate(feeds):
         np.savez(folder / f"{i:05d}.npz", **feed)
 
