@@ -315,9 +315,6 @@ def _short(e: BaseException) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-# ----------------------------------------------------------------------------------- metrics
-
-
 # ----------------------------------------------------------------------------------- argmax
 
 PROBABILITY_OPS = ("Softmax", "LogSoftmax")
@@ -374,6 +371,9 @@ def argmax_agreement(ref: np.ndarray, got: np.ndarray, axis: int, flat: bool, lo
     at = np.arange(len(p))
     gap = p[at, np.argmax(r, axis=-1)] - p[at, np.argmax(g, axis=-1)]
     return int(np.count_nonzero(gap <= CLOSE_CALL)), len(p)
+
+
+# ----------------------------------------------------------------------------------- metrics
 
 
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: str = "fp32",
