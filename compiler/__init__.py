@@ -240,7 +240,7 @@ def _write_split(model_path: str, folder: str, name: str | None, check: "_Checke
     if check.final_outputs is not None:
         say("verifying the split")
         record.update(compare_split(folder, check.feeds, check.final_outputs) if exact else
-                      compare_split(folder, check.feeds, check.reference, check.budget))
+                      compare_split(folder, check.feeds, check.reference, check.budget, check.argmax))
     details.setdefault("partition", {})["split"] = record
 
 

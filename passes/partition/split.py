@@ -151,11 +151,13 @@ def _enum_name(name: str) -> str:
     return {"float32": "FLOAT", "float64": "DOUBLE"}.get(name, name.upper())
 
 
-def compare_split(folder: str, feeds: list[dict], expected: list[dict], budget: float | None = None) -> dict:
+def compare_split(folder: str, feeds: list[dict], expected: list[dict], budget: float | None = None,
+                  argmax: dict | None = None) -> dict:
     """Run the split on the CPU provider with the reference's session options. Without a budget
     it must give `expected` (the model's outputs) bit for bit. With one (a lossy pass made the
-    model, `expected` then being the original's outputs) every output's mean cosine must be at
-    least `budget`, as the model's own must: a float16 model's split cannot match the model bit for
+    model, `expected` then being the original's outputs) every output's mean cosine (and the
+    argmax agreement of those in `argmax`) must be at least `budget`, as the model's own must: a
+    float16 model's split cannot match the model bit for
     bit on the CPU, where onnxruntime runs float16 nodes it lacks kernels for in float32 and drops
     the Cast pairs between them, so a tensor skips inside one session the float16 rounding it
     gets at a partition boundary (as it would on a device with float16 kernels). On a miss the
@@ -167,11 +169,12 @@ def compare_split(folder: str, feeds: list[dict], expected: list[dict], budget: 
                                      reference_options())
         gots = [dict(zip(session.get_outputs(), session.run(None, feed))) for feed in feeds]
         if budget is not None:
-            metrics = compare_samples(expected, gots, "lossy", budget)
+            metrics = compare_samples(expected, gots, "lossy", budget, argmax)
             for m in metrics:
                 if not m.ok:
+                    agreement = "" if m.agreement is None else f", argmax agreement {m.agreement:.4f}"
                     raise VerificationError(f"the split in {folder} misses the error budget: {m.name!r} "
-                                            f"{m.note or f'cosine {m.cosine:.6f}'} (budget {budget}); "
+                                            f"{m.note or f'cosine {m.cosine:.6f}{agreement}'} (budget {budget}); "
                                             "the split was removed", output=m.name)
             return {"cosine": min(m.cosine for m in metrics)}
         for want, got in zip(expected, gots):

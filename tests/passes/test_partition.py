@@ -429,6 +429,27 @@ def test_split_runs_like_the_whole_model(tmp_path):
     assert [x.shape for x in exact.run(["z"], feeds(7))] == [(128, 256)]
 
 
+def test_a_lossy_split_is_held_to_the_argmax_agreement_too(tmp_path):
+    from onnxopt.errors import VerificationError
+    from onnxopt.passes.partition.split import compare_split
+
+    spec = spec_file(tmp_path, accel(["MatMul", "Relu", "Neg", "If", "Add"]))
+    split = tmp_path / "parts"
+    onnxopt.optimize(if_model(), str(tmp_path / "out.onnx"), passes=["partition"], devices=[spec, "cpu"],
+                     inputs=feeds(), split=str(split), options={"partition": {"min_size": 1}})
+    session = PartitionedSession(str(split), {"npu": "CPUExecutionProvider"}, reference_options())
+    got = dict(zip(["y", "z"], session.run(None, feeds())))
+    expected = {k: v.copy() for k, v in got.items()}
+    z = expected["z"]
+    rows = np.arange(0, 128, 8)  # 16 of 128 rows: their largest value traded with their smallest
+    top, low = z[rows].argmax(-1), z[rows].argmin(-1)
+    z[rows, top], z[rows, low] = z[rows, low], z[rows, top]
+    assert compare_split(str(split), [feeds()], [expected], 0.9)["cosine"] >= 0.9  # the cosine alone passes
+    with pytest.raises(VerificationError, match=r"the error budget: 'z' cosine 0\.98\d+, argmax agreement 0\.8750"):
+        compare_split(str(split), [feeds()], [expected], 0.9, {"z": (-1, False, False)})
+    assert not split.exists()
+
+
 def test_split_folder_rules(tmp_path):
     spec = spec_file(tmp_path, accel(["MatMul", "Relu"]))
     out = str(tmp_path / "out.onnx")
