@@ -305,7 +305,7 @@ class _Checker:
         metrics = verification.compare_samples(self.previous, got, p.tolerance, self.budget, self.argmax)
         record.verification = [x.as_dict() for x in metrics]
         if p.tolerance == "lossy" and self.over_budget_ok:
-            self.over_budget += [f"pass {p.name!r}: {x.name!r} {_miss(x)} (budget {self.budget})"
+            self.over_budget += [f"pass {p.name!r}: {x.name!r} {x.miss()} (budget {self.budget})"
                                  for x in metrics if not x.ok]
         else:
             _raise_if_bad(metrics, f"pass {p.name!r}", p.name, p.tolerance, self.budget)
@@ -324,7 +324,7 @@ class _Checker:
         self.outputs = [x.as_dict() for x in metrics]
         label = f"pass {ordered[0]!r}" if len(ordered) == 1 else f"passes {','.join(ordered)}"
         if tolerance == "lossy" and self.over_budget_ok:  # the caller accepts a miss: report it, write
-            self.over_budget += [f"{x.name!r} {_miss(x)} (budget {self.budget})" for x in metrics if not x.ok]
+            self.over_budget += [f"{x.name!r} {x.miss()} (budget {self.budget})" for x in metrics if not x.ok]
             return
         _raise_if_bad(metrics, label, ordered[0] if len(ordered) == 1 else None, tolerance, self.budget)
 
@@ -339,20 +339,13 @@ def _tolerance(ordered: list[str], pass_options: dict) -> str:
     return "lossy" if "lossy" in kinds else "fp32" if "fp32" in kinds else "exact"
 
 
-def _miss(x) -> str:
-    """How an output missed the budget: its note, or its cosine (and argmax agreement)."""
-    if x.note:
-        return x.note
-    return f"cosine {x.cosine:.6f}" + ("" if x.agreement is None else f", argmax agreement {x.agreement:.4f}")
-
-
 def _raise_if_bad(metrics, label: str, pass_name: str | None, tolerance: str = "fp32",
                   budget: float = 0.99) -> None:
     bad = [x for x in metrics if not x.ok]
     if not bad:
         return
     if tolerance == "lossy":  # every output that missed the budget, and by how much
-        detail = "; ".join(f"{x.name!r} {_miss(x)}" for x in bad)
+        detail = "; ".join(f"{x.name!r} {x.miss()}" for x in bad)
         what = "cosine and argmax agreement" if any(x.agreement is not None for x in bad) else "cosine"
         raise VerificationError(f"{label} missed the error budget ({what} >= {budget}): {detail}; "
                                 "nothing was written (--write-over-budget writes it anyway)",

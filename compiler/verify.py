@@ -47,6 +47,13 @@ class OutputMetrics:
     def as_dict(self):
         return asdict(self)
 
+    def miss(self) -> str:
+        """How it missed a budget: its note, or its cosine (and argmax agreement)."""
+        if self.note:
+            return self.note
+        return f"cosine {self.cosine:.6f}" + ("" if self.agreement is None else
+                                              f", argmax agreement {self.agreement:.4f}")
+
 
 # ----------------------------------------------------------------------------------- inputs
 

@@ -172,9 +172,8 @@ def compare_split(folder: str, feeds: list[dict], expected: list[dict], budget: 
             metrics = compare_samples(expected, gots, "lossy", budget, argmax)
             for m in metrics:
                 if not m.ok:
-                    agreement = "" if m.agreement is None else f", argmax agreement {m.agreement:.4f}"
                     raise VerificationError(f"the split in {folder} misses the error budget: {m.name!r} "
-                                            f"{m.note or f'cosine {m.cosine:.6f}{agreement}'} (budget {budget}); "
+                                            f"{m.miss()} (budget {budget}); "
                                             "the split was removed", output=m.name)
             return {"cosine": min(m.cosine for m in metrics)}
         for want, got in zip(expected, gots):
