@@ -8,6 +8,10 @@ once `fold` has resolved the head reshapes to constants:
     probs = Softmax(q @ k * scale (or / c) [+ mask])      over the last axis
     out = (probs @ v).transpose(0, 2, 1, 3).reshape(0, 0, -1)
 
+The reshapes may spell batch and sequence by their known sizes or with one -1 (the dynamo
+exporter with fixed shapes: reshape(-1, 65, N, D), allowzero=1) as long as each keeps them; one
+that regroups positions (reshape(-1, S / 2, N, D)) is another computation and is left alone.
+
 - attention (`ort`): self-attention (Xq = Xk = Xv) into com.microsoft Attention(X, [Wq|Wk|Wv],
   [bq|bk|bv], attention_bias=mask) with num_heads and scale.
 - multi_head_attention (`ort`): the other cases (cross-attention: queries and keys from different
@@ -39,7 +43,7 @@ def _projection(tag: str, bias: bool) -> Op:
     proj = Op("MatMul", Var("x" + tag), C("w" + tag), name="mm" + tag)
     if bias:
         proj = Op("Add", proj, C("b" + tag), name="add" + tag)
-    return Op("Transpose", Op("Reshape", proj, C("shape" + tag)), name="t" + tag)
+    return Op("Transpose", Op("Reshape", proj, C("shape" + tag), name="r" + tag), name="t" + tag)
 
 
 def _patterns():
@@ -50,7 +54,7 @@ def _patterns():
             for masked in (Op("Add", scaled, Var("mask")), scaled):
                 probs = Op("Softmax", masked, name="softmax")
                 context = Op("MatMul", probs, _projection("v", bias))
-                yield Op("Reshape", Op("Transpose", context, name="tout"), C("shape_out"))
+                yield Op("Reshape", Op("Transpose", context, name="tout"), C("shape_out"), name="rout")
 
 
 def _perm(node: gs.Node) -> list:
@@ -78,15 +82,20 @@ def _common_check(m, env):
     if len({w.dtype for w in weights + biases} | {np.dtype(x.dtype) for x in xs}) != 1:
         return "mixed element types"
     shapes = [m.value("shape" + t).tolist() for t in "qkv"]
-    if len({tuple(s) for s in shapes}) != 1 or len(shapes[0]) != 4 or shapes[0][:2] != [0, 0]:
-        return "heads are not split as reshape [0, 0, heads, head_size]"
+    if len({tuple(s[2:]) for s in shapes}) != 1 or any(
+            len(s) != 4 or not _keeps_leading(s, x.shape, m["r" + t]) for s, x, t in zip(shapes, xs, "qkv")):
+        return "heads are not split as reshape [batch, sequence, heads, head_size]"
     head_size = shapes[0][3]
     if head_size <= 0 or hidden % head_size or shapes[0][2] not in (-1, hidden // head_size):
         return "head reshape does not divide the hidden size"
+    if shapes[0][2] == -1 and -1 in shapes[0][:2]:
+        return "head reshape has two inferred dimensions"
     if (_perm(m["tq"]), _perm(m["tk"]), _perm(m["tv"]), _perm(m["tout"])) != (
             [0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3], [0, 2, 1, 3]):
         return "head transposes are not the BERT layout"
-    if m.value("shape_out").tolist() not in ([0, 0, -1], [0, 0, hidden]):
+    merged = m.value("shape_out").tolist()
+    if (len(merged) != 3 or merged[2] not in (-1, hidden) or merged.count(-1) > 1
+            or not _keeps_leading(merged, m["xq"].shape, m["rout"])):
         return "context is not merged back to [batch, sequence, hidden]"
     if m["softmax"].attrs.get("axis", -1 if env.opset >= 13 else 1) not in (-1, 3):
         return "softmax is not over the last axis"
@@ -100,6 +109,21 @@ def _common_check(m, env):
         if mask.shape[3] == 1 and not (isinstance(m["xk"].shape[1], int) and m["xk"].shape[1] == 1):
             return "mask broadcasts over the key positions"
     return None
+
+
+def _keeps_leading(shape: list, dims, reshape: gs.Node) -> bool:
+    """Whether the Reshape to `shape` keeps its input's first two dimensions (`dims`: the
+    [batch, sequence, ...] of the projection's input): each is copied (0, unless allowzero), the
+    same known size, or the one -1 beside a kept one (it then resolves to the other: the trailing
+    dimensions hold exactly the hidden size, checked by the caller). dynamo exports with fixed
+    shapes write [-1, 65, 3, 64] where the legacy exporter writes [0, 0, 3, 64]."""
+    copies = not reshape.attrs.get("allowzero", 0)
+
+    def kept(target, dim) -> bool:
+        return (target == 0 and copies) or (isinstance(dim, int) and target == dim > 0)
+
+    a, b = shape[:2]
+    return (kept(a, dims[0]) or a == -1) and (kept(b, dims[1]) or b == -1) and (a, b).count(-1) <= 1
 
 
 def _check_ort_attention(m, env):

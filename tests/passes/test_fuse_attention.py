@@ -15,9 +15,11 @@ D = H // N
 
 
 def attention_model(mask_shape=(B, 1, S, S), scale_op="Mul", probs_output=False, k_perm=(0, 2, 3, 1),
-                    opset=17, bias=True, cross=False) -> onnx.ModelProto:
+                    opset=17, bias=True, cross=False, heads=lambda seq: (0, 0, -1, D), merged=(0, 0, -1),
+                    allowzero=0) -> onnx.ModelProto:
     """X -> Q/K/V projections -> heads -> softmax(QK^T * scale + mask) V -> merged heads -> Y.
-    cross: keys and values are projected from a second input `mem` [B, L, H]."""
+    cross: keys and values are projected from a second input `mem` [B, L, H]. heads(sequence
+    length): the head-splitting Reshape's shape; merged: the merging one's."""
     rng = np.random.default_rng(0)
     inits, nodes = [], []
 
@@ -32,8 +34,10 @@ def attention_model(mask_shape=(B, 1, S, S), scale_op="Mul", probs_output=False,
         nodes += [helper.make_node("MatMul", [source, f"w{t}"], [f"{t}_mm"])]
         if bias:
             nodes.append(helper.make_node("Add", [f"b{t}", f"{t}_mm"], [f"{t}_add"]))
-        nodes += [helper.make_node("Reshape", [f"{t}_add" if bias else f"{t}_mm", const(f"shape{t}", np.array([0, 0, -1, D], np.int64))],
-                                   [f"{t}_heads"]),
+        seq = L if cross and t != "q" else S
+        nodes += [helper.make_node("Reshape", [f"{t}_add" if bias else f"{t}_mm",
+                                               const(f"shape{t}", np.array(heads(seq), np.int64))],
+                                   [f"{t}_heads"], **({"allowzero": 1} if allowzero else {})),
                   helper.make_node("Transpose", [f"{t}_heads"], [f"{t}_t"],
                                    perm=list(k_perm) if t == "k" else [0, 2, 1, 3])]
     scale = const("scale", np.array(1 / np.sqrt(D) if scale_op == "Mul" else np.sqrt(D), np.float32))
@@ -48,8 +52,11 @@ def attention_model(mask_shape=(B, 1, S, S), scale_op="Mul", probs_output=False,
     nodes += [helper.make_node("Softmax", ["masked" if mask_shape is not None else "scaled"], ["probs"], axis=-1),
               helper.make_node("MatMul", ["probs", "v_t"], ["context"]),
               helper.make_node("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
-              helper.make_node("Reshape", ["context_t", const("shape_out", np.array([0, 0, -1], np.int64))], ["y"])]
-    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [B, S, H])]
+              helper.make_node("Reshape", ["context_t", const("shape_out", np.array(merged, np.int64))], ["y"],
+                               **({"allowzero": 1} if allowzero else {}))]
+    context = np.zeros((B, S, N, D))
+    y_shape = context.reshape([context.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(merged)]).shape
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(y_shape))]
     if probs_output:
         outputs.append(helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [B, N, S, S]))
     model = helper.make_model(helper.make_graph(nodes, "attention", inputs, outputs, inits),
@@ -84,6 +91,31 @@ def test_attention_fused(mask_shape, scale_op):
     assert node.domain == "com.microsoft" and attrs["num_heads"] == N
     assert attrs["scale"] == pytest.approx(1 / np.sqrt(D))
     assert len(node.input) == (6 if mask_shape else 3)
+
+
+@pytest.mark.parametrize("heads, merged, allowzero", [
+    (lambda seq: (-1, seq, N, D), (-1, S, H), 1),  # the dynamo exporter with fixed shapes
+    (lambda seq: (B, seq, N, D), (B, S, H), 0),
+    (lambda seq: (0, -1, N, D), (0, -1, H), 0),
+])
+@pytest.mark.parametrize("cross", [False, True])
+def test_attention_fused_with_literal_head_reshapes(heads, merged, allowzero, cross):
+    """Head reshapes that keep batch and sequence by their known sizes or one -1, not only by 0."""
+    mask_shape = (B, 1, S, L if cross else S)
+    model = attention_model(mask_shape, cross=cross, heads=heads, merged=merged, allowzero=allowzero)
+    out, result = optimize_checked(model, ["fuse"], feeds=feeds(mask_shape, cross), target="ort")
+    fused = "multi_head_attention" if cross else "attention"
+    assert result.passes[0].counts == {fused: 1} and "Softmax" not in op_counts(out)
+
+
+@pytest.mark.parametrize("heads, merged", [
+    (lambda seq: (-1, seq // 2, N, D), (B, S, H)),  # attention within halves of the sequence
+    (lambda seq: (0, 0, N, D), (-1, S // 2, 2 * H)),  # the context merged across positions
+])
+def test_attention_with_reshapes_that_regroup_positions_is_not_fused(heads, merged):
+    model = attention_model(None, heads=heads, merged=merged)
+    out, result = optimize_checked(model, ["fuse"], feeds=feeds(None), target="ort", explain=True)
+    assert result.passes[0].counts == {} and op_counts(out) == op_counts(model)
 
 
 def test_attention_is_idempotent():
