@@ -107,8 +107,11 @@ class Forward:
         run_nodes = [graph.nodes[i] for i in sorted(segment)]
         read = {t.name for n in run_nodes for t in n.inputs if t.name in have}
         later = self.done | segment
-        out = set(names) | {t.name for n in run_nodes for t in n.outputs
-                            if any(at.get(id(c), -1) not in later for c in t.outputs)}
+        # a name asked for again while kept (a later node still reads it) is served from `kept`:
+        # only what the segment makes is an output of its model
+        made = {t.name for n in run_nodes for t in n.outputs}
+        out = {n for n in names if n in made} | {t.name for n in run_nodes for t in n.outputs
+                                                 if any(at.get(id(c), -1) not in later for c in t.outputs)}
         sub = copy_model(model)
         st = sub.graph.tensors()
         example = {**self.samples[0], **self.kept[0]}
