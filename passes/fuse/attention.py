@@ -5,7 +5,7 @@ once `fold` has resolved the head reshapes to constants:
 
     q, k, v = (Xq @ Wq [+ bq]), (Xk @ Wk [+ bk]), (Xv @ Wv [+ bv])   each .reshape(0, 0, N, D)
               transposed to [B, N, S, D] (k to [B, N, D, S])
-    probs = Softmax(q @ k * scale (or / c) [+ mask])      over the last axis
+    probs = Softmax(q @ k [* scale (or / c)] [+ mask])    over the last axis (unscaled: scale 1)
     out = (probs @ v).transpose(0, 2, 1, 3).reshape(0, 0, -1)
 
 The reshapes may spell batch and sequence by their known sizes or with one -1 (the dynamo
@@ -49,8 +49,9 @@ def _projection(tag: str, bias: bool) -> Op:
 def _patterns():
     for bias in (True, False):
         scores = Op("MatMul", _projection("q", bias), _projection("k", bias))
-        for scale_op in ("Mul", "Div"):
-            scaled = Op(scale_op, scores, C("scale"), name="scaling", commute=scale_op == "Mul")
+        for scale_op in ("Mul", "Div", None):  # None: unscaled (T5), or the scale already in Wq (Whisper)
+            scaled = (Op(scale_op, scores, C("scale"), name="scaling", commute=scale_op == "Mul") if scale_op
+                      else scores)
             for masked in (Op("Add", scaled, Var("mask")), scaled):
                 probs = Op("Softmax", masked, name="softmax")
                 context = Op("MatMul", probs, _projection("v", bias))
@@ -99,7 +100,7 @@ def _common_check(m, env):
         return "context is not merged back to [batch, sequence, hidden]"
     if m["softmax"].attrs.get("axis", -1 if env.opset >= 13 else 1) not in (-1, 3):
         return "softmax is not over the last axis"
-    if m.value("scale").size != 1:
+    if "scale" in m.tensors and m.value("scale").size != 1:
         return "scale is not a scalar"
     if "mask" in m.tensors:
         mask, heads = m["mask"], hidden // head_size
@@ -139,6 +140,8 @@ def _check_onnx(m, env):
 
 
 def _scale(m) -> float:
+    if "scale" not in m.tensors:
+        return 1.0
     scale = float(m.value("scale").reshape(-1)[0])
     return 1.0 / scale if m["scaling"].op == "Div" else scale
 

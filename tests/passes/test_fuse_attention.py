@@ -40,9 +40,10 @@ def attention_model(mask_shape=(B, 1, S, S), scale_op="Mul", probs_output=False,
                                    [f"{t}_heads"], **({"allowzero": 1} if allowzero else {})),
                   helper.make_node("Transpose", [f"{t}_heads"], [f"{t}_t"],
                                    perm=list(k_perm) if t == "k" else [0, 2, 1, 3])]
-    scale = const("scale", np.array(1 / np.sqrt(D) if scale_op == "Mul" else np.sqrt(D), np.float32))
-    nodes += [helper.make_node("MatMul", ["q_t", "k_t"], ["scores"]),
-              helper.make_node(scale_op, ["scores", scale], ["scaled"])]
+    nodes.append(helper.make_node("MatMul", ["q_t", "k_t"], ["scores" if scale_op else "scaled"]))
+    if scale_op:  # None: unscaled scores (T5; Whisper once fuse has moved its scale into Wq)
+        scale = const("scale", np.array(1 / np.sqrt(D) if scale_op == "Mul" else np.sqrt(D), np.float32))
+        nodes.append(helper.make_node(scale_op, ["scores", scale], ["scaled"]))
     inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [B, S, H])]
     if cross:
         inputs.append(helper.make_tensor_value_info("mem", onnx.TensorProto.FLOAT, [B, L, H]))
@@ -81,7 +82,7 @@ def feeds(mask_shape=(B, 1, S, S), cross=False):
 
 
 @pytest.mark.parametrize("mask_shape", [(B, 1, S, S), (1, 1, S, S), (B, N, S, S), None])
-@pytest.mark.parametrize("scale_op", ["Mul", "Div"])
+@pytest.mark.parametrize("scale_op", ["Mul", "Div", None])
 def test_attention_fused(mask_shape, scale_op):
     model = attention_model(mask_shape, scale_op)
     out, result = optimize_checked(model, ["fuse"], feeds=feeds(mask_shape), target="ort")
@@ -89,7 +90,7 @@ def test_attention_fused(mask_shape, scale_op):
     node = out.graph.node[0]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert node.domain == "com.microsoft" and attrs["num_heads"] == N
-    assert attrs["scale"] == pytest.approx(1 / np.sqrt(D))
+    assert attrs["scale"] == pytest.approx(1 / np.sqrt(D) if scale_op else 1.0)
     assert len(node.input) == (6 if mask_shape else 3)
 
 
