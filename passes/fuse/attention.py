@@ -5,7 +5,7 @@ once `fold` has resolved the head reshapes to constants:
 
     q, k, v = (Xq @ Wq [+ bq]), (Xk @ Wk [+ bk]), (Xv @ Wv [+ bv])   each .reshape(0, 0, N, D)
               transposed to [B, N, S, D] (k to [B, N, D, S])
-    probs = Softmax(q @ k [* scale (or / c)] [+ mask])    over the last axis (unscaled: scale 1)
+    probs = Softmax(q @ k [* scale (or / c)] [+ bias] [+ mask])   over the last axis (unscaled: scale 1)
     out = (probs @ v).transpose(0, 2, 1, 3).reshape(0, 0, -1)
 
 The reshapes may spell batch and sequence by their known sizes or with one -1 (the dynamo
@@ -22,7 +22,8 @@ that regroups positions (reshape(-1, S / 2, N, D)) is another computation and is
 - attention_packed: paddle2onnx's packed-QKV form (see below) into com.microsoft Attention
   (`ort`) or Split + Attention (opset 23, `onnx`).
 
-The additive mask is passed through unchanged, so the mask semantics are exactly the model's own
+The additive mask is passed through unchanged (with two additive terms, T5's position bias and
+its padding mask, their sum), so the mask semantics are exactly the model's own
 (whatever value it uses for masked positions). A key-padding mask of shape [B, 1, 1, L] is
 expanded over the query positions first (one Expand shared by every layer that reads the same
 mask): onnxruntime's kernels do not broadcast the mask over that axis.
@@ -52,7 +53,9 @@ def _patterns():
         for scale_op in ("Mul", "Div", None):  # None: unscaled (T5), or the scale already in Wq (Whisper)
             scaled = (Op(scale_op, scores, C("scale"), name="scaling", commute=scale_op == "Mul") if scale_op
                       else scores)
-            for masked in (Op("Add", scaled, Var("mask")), scaled):
+            # two additive terms: T5's relative position bias, then the padding mask
+            for masked in (Op("Add", Op("Add", scaled, Var("bias")), Var("mask")), Op("Add", scaled, Var("mask")),
+                           scaled):
                 probs = Op("Softmax", masked, name="softmax")
                 context = Op("MatMul", probs, _projection("v", bias))
                 yield Op("Reshape", Op("Transpose", context, name="tout"), C("shape_out"), name="rout")
@@ -103,11 +106,13 @@ def _common_check(m, env):
     if "scale" in m.tensors and m.value("scale").size != 1:
         return "scale is not a scalar"
     if "mask" in m.tensors:
-        mask, heads = m["mask"], hidden // head_size
-        if (mask.shape is None or len(mask.shape) != 4 or mask.shape[1] not in (1, heads)
-                or mask.dtype != xs[0].dtype):
+        heads = hidden // head_size
+        terms = [m["mask"]] + ([m["bias"]] if "bias" in m.tensors else [])
+        shape = _sum_shape(terms)
+        if (shape is None or len(shape) != 4 or shape[1] not in (1, heads)
+                or any(t.dtype != xs[0].dtype for t in terms)):
             return "mask is not a 4-D [batch or 1, heads or 1, query or 1, key] tensor of the input's type"
-        if mask.shape[3] == 1 and not (isinstance(m["xk"].shape[1], int) and m["xk"].shape[1] == 1):
+        if shape[3] == 1 and not (isinstance(m["xk"].shape[1], int) and m["xk"].shape[1] == 1):
             return "mask broadcasts over the key positions"
     return None
 
@@ -150,10 +155,34 @@ def _heads(m) -> int:
     return int(m.value("wq").shape[1] // m.value("shapeq")[3])
 
 
+def _sum_shape(terms: list) -> list | None:
+    """The broadcast shape of the 4-D additive terms (None where unknown or not 4-D)."""
+    if any(t.shape is None or len(t.shape) != 4 for t in terms):
+        return None
+    shape = list(terms[0].shape)
+    for t in terms[1:]:
+        for i, d in enumerate(t.shape):
+            if d == 1 or d == shape[i]:
+                continue
+            if shape[i] != 1:
+                return None  # two different sizes, or unknown ones that may differ
+            shape[i] = d
+    return shape
+
+
 def _full_mask(m, env) -> gs.Tensor:
-    """The mask with the query axis spelled out: [B, 1, 1, L] is expanded to [B, 1, S, L] with S
-    read from the queries' input at run time (one Expand per mask tensor and query input)."""
+    """The additive mask (bias + mask when there are two terms: one Add per pair of tensors) with
+    the query axis spelled out: [B, 1, 1, L] is expanded to [B, 1, S, L] with S read from the
+    queries' input at run time (one Expand per mask tensor and query input)."""
     mask = m["mask"]
+    if "bias" in m.tensors:
+        key = ("attention_bias", m["bias"].name, mask.name)
+        if key not in env.cache:
+            out = gs.Variable(env.names.new(mask.name + "_with_bias"), dtype=mask.dtype,
+                              shape=_sum_shape([mask, m["bias"]]))
+            env.graph.nodes.append(gs.Node("Add", env.names.new("Add"), inputs=[m["bias"], mask], outputs=[out]))
+            env.cache[key] = out
+        mask = env.cache[key]
     if mask.shape[2] != 1 or m["xq"].shape[1] == 1:
         return mask
     key = ("expanded_mask", mask.name, m["xq"].name)

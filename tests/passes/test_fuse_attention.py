@@ -16,7 +16,7 @@ D = H // N
 
 def attention_model(mask_shape=(B, 1, S, S), scale_op="Mul", probs_output=False, k_perm=(0, 2, 3, 1),
                     opset=17, bias=True, cross=False, heads=lambda seq: (0, 0, -1, D), merged=(0, 0, -1),
-                    allowzero=0) -> onnx.ModelProto:
+                    allowzero=0, position_bias=False) -> onnx.ModelProto:
     """X -> Q/K/V projections -> heads -> softmax(QK^T * scale + mask) V -> merged heads -> Y.
     cross: keys and values are projected from a second input `mem` [B, L, H]. heads(sequence
     length): the head-splitting Reshape's shape; merged: the merging one's."""
@@ -47,9 +47,12 @@ def attention_model(mask_shape=(B, 1, S, S), scale_op="Mul", probs_output=False,
     inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [B, S, H])]
     if cross:
         inputs.append(helper.make_tensor_value_info("mem", onnx.TensorProto.FLOAT, [B, L, H]))
+    if position_bias:  # T5: a [1, heads, query, key] bias added before the mask
+        inputs.append(helper.make_tensor_value_info("pos", onnx.TensorProto.FLOAT, [1, N, S, L if cross else S]))
+        nodes.append(helper.make_node("Add", ["scaled", "pos"], ["biased"]))
     if mask_shape is not None:
         inputs.append(helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, list(mask_shape)))
-        nodes.append(helper.make_node("Add", ["scaled", "mask"], ["masked"]))
+        nodes.append(helper.make_node("Add", ["biased" if position_bias else "scaled", "mask"], ["masked"]))
     nodes += [helper.make_node("Softmax", ["masked" if mask_shape is not None else "scaled"], ["probs"], axis=-1),
               helper.make_node("MatMul", ["probs", "v_t"], ["context"]),
               helper.make_node("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
@@ -117,6 +120,22 @@ def test_attention_with_reshapes_that_regroup_positions_is_not_fused(heads, merg
     model = attention_model(None, heads=heads, merged=merged)
     out, result = optimize_checked(model, ["fuse"], feeds=feeds(None), target="ort", explain=True)
     assert result.passes[0].counts == {} and op_counts(out) == op_counts(model)
+
+
+@pytest.mark.parametrize("target, cross, fused", [
+    ("ort", False, "attention"), ("ort", True, "multi_head_attention"), ("onnx", False, "attention_onnx")])
+def test_position_bias_and_mask_go_in_as_their_sum(target, cross, fused):
+    """T5: scores + position bias [1, N, S, L] + padding mask [B, 1, 1, L]: one Add of the two
+    (shared by the layers reading the same pair), then the mask's query-axis Expand."""
+    mask_shape = (B, 1, 1, L if cross else S)
+    model = attention_model(mask_shape, scale_op=None, cross=cross, opset=23 if target == "onnx" else 17,
+                            position_bias=True)
+    f = feeds(mask_shape, cross)
+    f["pos"] = np.random.default_rng(2).standard_normal((1, N, S, L if cross else S)).astype(np.float32)
+    out, result = optimize_checked(model, ["fuse"], feeds=f, target=target)
+    assert result.passes[0].counts == {fused: 1} and "Softmax" not in op_counts(out)
+    add = next(n for n in out.graph.node if n.op_type == "Add" and "pos" in n.input)
+    assert set(add.input) == {"pos", "mask"}
 
 
 def test_attention_is_idempotent():
