@@ -68,6 +68,9 @@ class FoldPass(Pass):
                     shape_counts = fold_shapes(g, names)
                     counts.update(shape_counts)
                     changed += sum(shape_counts.values())
+                n = fold_cast_like(g)
+                counts["cast_like_folded"] += n
+                changed += n
                 n = fold_constants(g, evaluator, self.options.size_limit)
                 counts["nodes_folded"] += n
                 changed += n
@@ -116,6 +119,31 @@ def fold_constants(graph: gs.Graph, evaluator: "Evaluator", size_limit: int) -> 
         node.outputs.clear()
         folded += 1
     return folded
+
+
+def fold_cast_like(graph: gs.Graph) -> int:
+    """CastLike(constant, x) with x's element type known is a constant of that type, whatever x
+    holds (torch's dynamo exporter without its optimizer writes a conv's absent bias as
+    Expand(CastLike(0.0, input), [C]), which then keeps BatchNormalization out of the Conv).
+    Numeric types only: the conversion is numpy's astype, as Cast's for them."""
+    outs = output_tensors(graph)
+    folded = 0
+    for node in graph.nodes:
+        if (node.op != "CastLike" or node.domain not in STANDARD_DOMAINS or len(node.inputs) != 2
+                or not node.outputs or id(node.outputs[0]) in outs or not is_constant(node.inputs[0])):
+            continue
+        target = node.inputs[1].dtype
+        source = values(node.inputs[0])
+        if target is None or not _numeric(np.dtype(target)) or not _numeric(source.dtype):
+            continue
+        replace_uses(node.outputs[0], gs.Constant(node.outputs[0].name, source.astype(np.dtype(target))))
+        node.outputs.clear()
+        folded += 1
+    return folded
+
+
+def _numeric(dtype: np.dtype) -> bool:
+    return dtype.kind in "biuf"
 
 
 def _foldable(node: gs.Node, graph: gs.Graph, outs: set[int]) -> bool:

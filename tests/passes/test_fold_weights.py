@@ -242,3 +242,48 @@ def test_conv_input_fold_is_idempotent():
     once = onnxopt.optimize(model, passes=["fold"], verify="none").model
     twice = onnxopt.optimize(once, passes=["fold"], verify="none")
     assert twice.passes[0].counts == {} and ops(twice.model) == ops(once)
+
+
+def test_dynamo_absent_conv_bias_folds_and_lets_batchnorm_in():
+    """torch's dynamo exporter without its optimizer: a conv without bias gets
+    Expand(CastLike(0.0, input), [C]); the CastLike is a constant of the input's type, so the bias
+    folds and the BatchNormalization after the Conv goes into it."""
+    w = ", ".join(f"{v:.4f}" for v in np.random.default_rng(0).standard_normal(4 * 3 * 3 * 3))
+    model = from_text(f"""
+        {HEADER}
+        g (float[1,3,5,5] x) => (float[1,4,5,5] y)
+        <float[4,3,3,3] W = {{{w}}}, float zero = {{0.0}}, int64[1] n = {{4}}{BN}> {{
+            z = CastLike(zero, x)
+            b = Expand(z, n)
+            c = Conv <pads = [1, 1, 1, 1]> (x, W, b)
+            y = BatchNormalization <epsilon = 0.001> (c, s, t, m, v)
+        }}""")
+    out, result = optimize_checked(model, ["fold"])
+    assert ops(out) == ["Conv"]
+    assert result.passes[0].counts == {"cast_like_folded": 1, "nodes_folded": 1, "conv_bn_folded": 1}
+    again = onnxopt.optimize(out, passes=["fold"], verify="none")
+    assert again.passes[0].counts == {}
+
+
+def test_cast_like_takes_the_type_of_its_second_input():
+    model = from_text(f"""
+        {HEADER}
+        g (float16[3] x) => (float16[3] y) <double[3] c = {{0.1, 1.5, -2.25}}> {{
+            k = CastLike(c, x)
+            y = Add(x, k)
+        }}""")
+    out, result = optimize_checked(model, ["fold"], feeds={"x": np.array([1, 2, 3], np.float16)})
+    assert ops(out) == ["Add"] and result.passes[0].counts == {"cast_like_folded": 1}
+    (k,) = [t for t in out.graph.initializer if t.name == "k"]
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(k), np.array([0.1, 1.5, -2.25]).astype(np.float16))
+
+
+def test_cast_like_of_a_graph_output_or_of_an_activation_stays():
+    model = from_text(f"""
+        {HEADER}
+        g (float[3] x, int64[3] i) => (float[3] y, float[3] z) <float[3] c = {{1, 2, 3}}> {{
+            y = CastLike(c, x)
+            z = CastLike(i, x)
+        }}""")
+    out, result = optimize_checked(model, ["fold"], feeds={"x": np.ones(3, np.float32), "i": np.arange(3)})
+    assert ops(out) == ["CastLike", "CastLike"] and result.passes[0].counts == {}
