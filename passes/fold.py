@@ -599,6 +599,16 @@ def _infer_dims(node: gs.Node, dims_of, value, opset_version: int) -> list | Non
         return [1 if i in add else next(src) for i in range(rank)]
     if op == "Slice" and ins[0] is not None and opset_version >= 10:
         return _slice_dims(node, ins[0], value)
+    if op in ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool") and ins[0] is not None:
+        return _window_dims(node, ins)
+    if op == "Concat" and ins and all(d is not None and len(d) == len(ins[0]) for d in ins):
+        axis = a.get("axis", 0) % max(len(ins[0]), 1)
+        parts = [d[axis] for d in ins]
+        out = []
+        for i, ds in enumerate(zip(*ins)):  # off the axis every input has the same size: a known one
+            out.append((sum(parts) if all(isinstance(x, int) for x in parts) else None) if i == axis
+                       else next((x for x in ds if isinstance(x, int)), next((x for x in ds if x is not None), None)))
+        return out
     if op in _REDUCE and ins[0] is not None:
         return _reduce_dims(node, ins[0], value, opset_version)
     if op == "Expand" and ins[0] is not None:
@@ -625,6 +635,34 @@ def _infer_dims(node: gs.Node, dims_of, value, opset_version: int) -> list | Non
 
 _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
            "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+def _window_dims(node: gs.Node, ins: list) -> list | None:
+    """Conv and pooling: batch from the input, channels from the weight (Conv) or the input, and
+    each spatial size where the input's is known and padding explicit (else None: the caller
+    keeps what shape inference declared)."""
+    x, a = ins[0], node.attrs
+    if len(x) < 3:
+        return None
+    if node.op.startswith("Global"):
+        return x[:2] + [1] * (len(x) - 2)
+    w = ins[1] if node.op == "Conv" and len(ins) > 1 else None
+    if node.op == "Conv" and (w is None or len(w) != len(x)):
+        return None
+    kernel = a.get("kernel_shape") or (w[2:] if w is not None else None)
+    n = len(x) - 2
+    pads = a.get("pads") or [0] * (2 * n)
+    strides, dilations = a.get("strides") or [1] * n, a.get("dilations") or [1] * n
+    spatial = [None] * n
+    if kernel is not None and a.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET", "VALID", b"VALID") \
+            and not a.get("ceil_mode", 0):
+        if a.get("auto_pad", "NOTSET") in ("VALID", b"VALID"):
+            pads = [0] * (2 * n)
+        for i in range(n):
+            if isinstance(x[2 + i], int) and isinstance(kernel[i], int):
+                span = dilations[i] * (kernel[i] - 1) + 1
+                spatial[i] = (x[2 + i] + pads[i] + pads[n + i] - span) // strides[i] + 1
+    return [x[0], w[0] if w is not None else x[1]] + spatial
 
 
 def _reduce_dims(node: gs.Node, data: list, value, opset_version: int) -> list | None:
@@ -857,8 +895,15 @@ _ENTRYWISE = {
     "Mul": lambda x, y: x * y if isinstance(x, int) and isinstance(y, int) else x if y == 1 else y if x == 1 else None,
     "Add": lambda x, y: x + y if isinstance(x, int) and isinstance(y, int) else x if y == 0 else y if x == 0 else None,
     "Sub": lambda x, y: x - y if isinstance(x, int) and isinstance(y, int) else x if y == 0 else None,
+    # tracked values are integers (a Cast to another type ends the tracking): Div truncates toward 0
+    "Div": lambda x, y: _int_div(x, y) if isinstance(x, int) and isinstance(y, int) and y else x if y == 1 else None,
     "Where": lambda c, x, y: (x if c else y) if isinstance(c, int) else None,
 }
+
+
+def _int_div(x: int, y: int) -> int:
+    q = abs(x) // abs(y)
+    return q if (x >= 0) == (y > 0) else -q
 
 
 def _entrywise(op, vals):

@@ -596,3 +596,59 @@ def test_reduction_dims_are_inferred(op, opset, axes, keepdims, expected):
 
     got = _reduce_dims(node, dims, value, opset)
     assert [d.key[1] if isinstance(d, _Sym) else d for d in got] == expected
+
+
+def shuffle_units(count: int) -> onnx.ModelProto:
+    """torchvision's ShuffleNetV2 units as the legacy exporter writes them, with a dynamic batch:
+    x.chunk(2, dim=1) as Slices at Div(Shape(x)[1], 2), a Conv + Relu branch, Concat, then the
+    channel shuffle: Reshape to [n, 2, c / 2, h, w] and back to [n, c, h, w], all from Shape."""
+    rng = np.random.default_rng(0)
+    lines, inits_ = [], ["int64 zero = {0}", "int64 one = {1}", "int64 two = {2}", "int64 three = {3}",
+                         "int64[1] ax = {0}", "int64[1] on1 = {1}", "int64[1] g2 = {2}"]
+    t = "x"
+    for u in range(count):
+        w = ", ".join(f"{v:.3f}" for v in rng.standard_normal(16))
+        inits_.append(f"float[4,4,1,1] w{u} = {{{w}}}")
+        lines += [f"s{u} = Shape({t})", f"c{u} = Gather(s{u}, one)", f"h{u} = Div(c{u}, two)",
+                  f"hu{u} = Unsqueeze(h{u}, ax)", f"cu{u} = Unsqueeze(c{u}, ax)",
+                  f"a{u} = Slice({t}, ax, hu{u}, on1)", f"b{u} = Slice({t}, hu{u}, cu{u}, on1)",
+                  f"k{u} = Conv(b{u}, w{u})", f"r{u} = Relu(k{u})", f"cat{u} = Concat<axis = 1>(a{u}, r{u})",
+                  f"z{u} = Shape(cat{u})"]
+        for j, i in enumerate(("zero", "one", "two", "three")):
+            lines += [f"d{u}_{j} = Gather(z{u}, {i})", f"e{u}_{j} = Unsqueeze(d{u}_{j}, ax)"]
+        lines += [f"q{u} = Div(d{u}_1, two)", f"qu{u} = Unsqueeze(q{u}, ax)",
+                  f"t5_{u} = Concat<axis = 0>(e{u}_0, g2, qu{u}, e{u}_2, e{u}_3)",
+                  f"v{u} = Reshape(cat{u}, t5_{u})", f"p{u} = Transpose<perm = [0, 2, 1, 3, 4]>(v{u})",
+                  f"t4_{u} = Concat<axis = 0>(e{u}_0, e{u}_1, e{u}_2, e{u}_3)", f"o{u} = Reshape(p{u}, t4_{u})"]
+        t = f"o{u}"
+    lines.append(f"y = Relu({t})")
+    body = "\n        ".join(lines)
+    return model(f"""
+    g (float[N,8,5,5] x) => (float[N,8,5,5] y) <{", ".join(inits_)}> {{
+        {body}
+    }}""")
+
+
+def test_channel_shuffle_chain_resolved_in_one_run():
+    """Each unit's shape arithmetic needs the dims of the unit before it: carried through Conv
+    (batch, the weight's channels, the window's spatial sizes), Concat and an integer Div of
+    shape values, in one walk, so every Reshape target is constant and every Slice bound too."""
+    m = shuffle_units(2)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 8, 5, 5)).astype(np.float32)}
+    out, got = fold(m, feeds=feeds)
+    assert got["reshape_shapes_resolved"] == 4
+    assert {"Shape", "Gather", "Div", "Unsqueeze"}.isdisjoint(ops(out))
+    assert ops(out).count("Reshape") == 4 and ops(out).count("Slice") == 4
+    assert_same_outputs(m, out, {"x": np.random.default_rng(2).standard_normal((3, 8, 5, 5)).astype(np.float32)})
+    again, got = fold(out, feeds=feeds)
+    assert got == {}
+
+
+
+def test_integer_division_of_shape_values_truncates_toward_zero():
+    """ONNX's integer Div, as onnxruntime computes it: -7 / 2 is -3, not numpy's floor, -4."""
+    from onnxopt.passes.fold import _ENTRYWISE
+
+    div = _ENTRYWISE["Div"]
+    assert [div(7, 2), div(-7, 2), div(7, -2), div(-7, -2), div(6, 3)] == [3, -3, -3, 3, 2]
+    assert div(5, 0) is None
