@@ -165,6 +165,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
             except (UsageError, TypeError, ValueError):  # an input no sample can be made for (float8...)
                 if needed:
                     raise
+            made_up = [n for n in (evaluation[0] if evaluation else {}) if given is not None and n not in given]
+            if made_up:
+                notes.append(f"inputs: no values for {', '.join(made_up)} in the given inputs: generated")
     else:  # real data held back from calibration verifies better than generated inputs
         evaluation = evaluation[:MAX_EVALUATION_SAMPLES]
     budget = min_cosine if min_cosine is not None else LOSSY_BUDGETS.get(quant, 0.99)

@@ -228,6 +228,9 @@ def test_optimize_inputs_and_shapes_as_python_objects(tmp_path):
         onnxopt.optimize(m)
     result = onnxopt.optimize(m, inputs={"s": np.array([3, 4])}, input_shapes={"x": [2, 6]})
     assert result.verification["outputs"][0]["ok"]
+    assert "inputs: no values for x in the given inputs: generated" in result.explain  # said, not silent
+    both = onnxopt.optimize(m, inputs={"s": np.array([3, 4]), "x": np.ones((2, 6), np.float32)})
+    assert not [line for line in both.explain if line.startswith("inputs:")]
     np.savez(tmp_path / "f.npz", s=np.array([4, 3]))
     result = onnxopt.optimize(m, inputs=str(tmp_path / "f.npz"), input_shapes=["x=2x6"])
     assert result.verification["outputs"][0]["ok"]
