@@ -80,9 +80,10 @@ def _const2(t: gs.Tensor, ndim: int | None = None) -> bool:
 def _reshape_spec(node: gs.Node) -> list[int] | None:
     if node.op != "Reshape" or len(node.inputs) < 2 or not is_constant(node.inputs[1]):
         return None
-    if node.attrs.get("allowzero", 0):
-        return None
-    return [int(v) for v in np.asarray(values(node.inputs[1])).ravel()]
+    spec = [int(v) for v in np.asarray(values(node.inputs[1])).ravel()]
+    if node.attrs.get("allowzero", 0) and 0 in spec:  # a literal 0; without one allowzero changes nothing
+        return None  # (the dynamo exporter writes [-1, 65, 3, 64] with allowzero=1)
+    return spec
 
 
 class Finder:

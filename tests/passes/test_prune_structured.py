@@ -109,14 +109,17 @@ def test_a_neuron_read_by_a_reshape_is_left_alone():
 # ------------------------------------------------------------------------------- attention
 
 
-def attention(heads=4, dh=4, explicit=False, mask_heads=1, scale_q=False):
-    """Unfused multi-head attention as exporters write it, then an output projection."""
+def attention(heads=4, dh=4, explicit=False, mask_heads=1, scale_q=False, seq=None):
+    """Unfused multi-head attention as exporters write it, then an output projection. seq: a fixed
+    sequence length, spelled as the dynamo exporter does (reshape(-1, seq, heads, dh), allowzero=1)."""
     d = heads * dh
-    split = [0, 0, heads if explicit else -1, dh]
-    nodes, init = [], [t("split", split), t("merge", [0, 0, d if explicit else -1]), t("scale", dh ** -0.5)]
+    split = [0, 0, heads if explicit else -1, dh] if seq is None else [-1, seq, heads, dh]
+    merge = [0, 0, d if explicit else -1] if seq is None else [-1, seq, d]
+    zero = {} if seq is None else {"allowzero": 1}
+    nodes, init = [], [t("split", split), t("merge", merge), t("scale", dh ** -0.5)]
     for i, p in enumerate("qkv"):
         nodes += [oh.make_node("MatMul", ["x", f"w{p}"], [f"{p}0"]), oh.make_node("Add", [f"{p}0", f"b{p}"], [f"{p}1"]),
-                  oh.make_node("Reshape", [f"{p}1", "split_i"], [f"{p}2"])]
+                  oh.make_node("Reshape", [f"{p}1", "split_i"], [f"{p}2"], **zero)]
         init += [t(f"w{p}", w(d, d, seed=10 + i)), t(f"b{p}", w(d, seed=20 + i))]
     nodes += [
         oh.make_node("Transpose", ["q2"], ["q3"], perm=[0, 2, 1, 3]),
@@ -131,16 +134,17 @@ def attention(heads=4, dh=4, explicit=False, mask_heads=1, scale_q=False):
         oh.make_node("MatMul", [q, "k3"], ["s0"]), oh.make_node("Mul", ["s0", "scale"], ["s1"]),
         oh.make_node("Add", ["s1", "mask"], ["s2"]), oh.make_node("Softmax", ["s2"], ["p"], axis=-1),
         oh.make_node("MatMul", ["p", "v3"], ["c0"]), oh.make_node("Transpose", ["c0"], ["c1"], perm=[0, 2, 1, 3]),
-        oh.make_node("Reshape", ["c1", "merge_i"], ["c2"]), oh.make_node("MatMul", ["c2", "wo"], ["o0"], name="out"),
+        oh.make_node("Reshape", ["c1", "merge_i"], ["c2"], **zero),
+        oh.make_node("MatMul", ["c2", "wo"], ["o0"], name="out"),
         oh.make_node("Add", ["o0", "bo"], ["y"]),
     ]
     init += [t("wo", w(d, 8, seed=30)), t("bo", w(8, seed=31))]
     init = [i if i.name not in ("split", "merge") else onnx.numpy_helper.from_array(
-        np.asarray(split if i.name == "split" else [0, 0, d if explicit else -1], np.int64), i.name + "_i")
-        for i in init]
-    return model_of(nodes, [oh.make_tensor_value_info("x", F, [1, "S", d]),
-                            oh.make_tensor_value_info("mask", F, [1, mask_heads, "S", "S"])],
-                    [oh.make_tensor_value_info("y", F, [1, "S", 8])], init)
+        np.asarray(split if i.name == "split" else merge, np.int64), i.name + "_i") for i in init]
+    s = "S" if seq is None else seq
+    return model_of(nodes, [oh.make_tensor_value_info("x", F, [1, s, d]),
+                            oh.make_tensor_value_info("mask", F, [1, mask_heads, s, s])],
+                    [oh.make_tensor_value_info("y", F, [1, s, 8])], init)
 
 
 def attention_feeds(d=16, s=6, mask_heads=1):
@@ -162,6 +166,21 @@ def test_heads_are_removed_with_their_reshape_constants(explicit, scale_q):
     assert list(got["merge_i"]) == [0, 0, 8 if explicit else -1]
     wo = inits(proto)["wo"].copy()
     wo[4:12] = 0  # heads 1 and 2 are rows 4..11 of the output projection
+    feeds = attention_feeds()
+    np.testing.assert_allclose(run(out, feeds)["y"], run(with_inits(proto, wo=wo), feeds)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_heads_with_the_dynamo_exporters_fixed_shape_reshapes():
+    """reshape(-1, 6, 4, 4) with allowzero=1 (no literal 0, so allowzero changes nothing): the
+    head count and the merged width are rewritten as in the legacy spelling."""
+    proto = attention(seq=6)
+    groups, skipped = find_groups(import_model(proto).graph)
+    assert [(g.kind, g.units, g.width) for g in groups] == [("heads", 4, 4)], skipped
+    out = pruned(proto, {0: [1, 2]})
+    got = inits(out)
+    assert list(got["split_i"]) == [-1, 6, 2, 4] and list(got["merge_i"]) == [-1, 6, 8]
+    wo = inits(proto)["wo"].copy()
+    wo[4:12] = 0
     feeds = attention_feeds()
     np.testing.assert_allclose(run(out, feeds)["y"], run(with_inits(proto, wo=wo), feeds)["y"], rtol=1e-5, atol=1e-5)
 
