@@ -10,7 +10,8 @@ joins the group), up to the layers that consume them (a MatMul's weight rows, a 
 channels). Attention heads are matched as a whole: the Q, K and V projections, the Reshape
 constants that spell the head count, the score path (only scalars and masks that broadcast
 over heads), the merge Reshape and the output projection; or onnxruntime's fused Attention
-(its packed QKV weight, bias and num_heads). Anything the walk cannot prove safe (a Shape, a
+(its packed QKV weight, bias and num_heads), or the standard Attention of opset 23 (its Q, K
+and V projections, q_num_heads and kv_num_heads). Anything the walk cannot prove safe (a Shape, a
 Reshape, a Concat, a graph output, a LayerNormalization over the units...) leaves the whole
 group alone, with the reason.
 """
@@ -207,6 +208,8 @@ def _attention(f: Finder, node: gs.Node) -> Group | str | None:
     """A head group ending at this output projection (MatMul), or from a fused Attention."""
     if node.domain == "com.microsoft" and node.op == "Attention":
         return _fused_attention(f, node)
+    if node.domain in STANDARD_DOMAINS and node.op == "Attention":
+        return _standard_attention(f, node)
     if node.op != "MatMul" or node.domain not in STANDARD_DOMAINS or not _const2(node.inputs[1], 2):
         return None
     merge = producer(node.inputs[0])
@@ -359,6 +362,42 @@ def _fused_attention(f: Finder, node: gs.Node) -> Group | str | None:
     g.attrs.append((idx(node), "num_heads"))
     g.tensors.append(node.outputs[0].name)
     g.producers.append(idx(node))
+    return _read_by(f, g, consumer, node)
+
+
+def _standard_attention(f: Finder, node: gs.Node) -> Group | str | None:
+    """The standard Attention (opset 23) over projected [B, S, hidden] Q, K and V, as fuse writes
+    it: the projections' columns and biases, q_num_heads and kv_num_heads, the output projection."""
+    label = node.name or "Attention"
+    ins = node.inputs
+    heads = int(node.attrs.get("q_num_heads", 0))
+    if not heads or int(node.attrs.get("kv_num_heads", 0)) != heads:
+        return f"{label}: 4-D inputs or grouped key/value heads: heads left alone"
+    if any(x.name for x in ins[4:]) or any(o.name and (o.outputs or id(o) in f.outputs) for o in node.outputs[1:]):
+        return f"{label}: past state or extra outputs: heads left alone"
+    if len(ins) > 3 and ins[3].name and not _broadcasts_over_heads(ins[3]):
+        return f"{label}: its mask may vary per head: heads left alone"
+    lins = [_linear_with_bias(f, x) if f.single(x) is node else None for x in ins[:3]]
+    if any(lin is None for lin in lins):
+        return f"{label}: Q, K or V is not a MatMul with a constant weight read by it alone: heads left alone"
+    width = lins[0][0].inputs[1].shape[1]
+    if any(m.inputs[1].shape[1] != width for m, _, _ in lins) or width % heads or heads < 2:
+        return None
+    consumer = f.single(node.outputs[0])
+    if consumer is None or consumer.op != "MatMul" or not _const2(consumer.inputs[1], 2) \
+            or consumer.inputs[0] is not node.outputs[0]:
+        return f"{label}: its output is not read by one MatMul with a constant weight: heads left alone"
+    idx = f.node_index
+    g = Group(label=label, kind="heads", units=heads, width=width // heads, reads=node.outputs[0].name)
+    for m, add, b in lins:
+        g.cuts.append(Cut(idx(m), 1, 1))
+        if add is not None:
+            g.cuts.append(Cut(idx(add), b, 0))
+            g.tensors.append(add.outputs[0].name)
+        g.tensors.append(m.outputs[0].name)
+        g.producers.append(idx(m))
+    g.attrs += [(idx(node), "q_num_heads"), (idx(node), "kv_num_heads")]
+    g.tensors.append(node.outputs[0].name)
     return _read_by(f, g, consumer, node)
 
 

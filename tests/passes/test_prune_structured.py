@@ -578,3 +578,38 @@ def test_a_consumer_whose_outputs_another_group_cuts_keeps_its_refit():
     assert got["c2"].shape[0] < 6 and got["c2"].shape[1] < 8  # conv2 lost inputs (conv1's group) and outputs
     assert any("refitted stage by stage" in line for line in res.explain)
     assert run(res.model, samples[0])["y"].shape == (1, 4, 8, 8)
+
+
+def standard_attention(heads=4, dh=4, mask_heads=1):
+    """The standard Attention (opset 23) fuse writes over the projected Q, K and V."""
+    d = heads * dh
+    nodes, init = [], [t("wo", w(d, 8, seed=30))]
+    for i, p in enumerate("qkv"):
+        nodes += [oh.make_node("MatMul", ["x", f"w{p}"], [f"{p}0"]), oh.make_node("Add", [f"{p}0", f"b{p}"], [f"{p}1"])]
+        init += [t(f"w{p}", w(d, d, seed=10 + i)), t(f"b{p}", w(d, seed=20 + i))]
+    nodes += [oh.make_node("Attention", ["q1", "k1", "v1", "mask"], ["a"], q_num_heads=heads, kv_num_heads=heads),
+              oh.make_node("MatMul", ["a", "wo"], ["y"])]
+    proto = model_of(nodes, [oh.make_tensor_value_info("x", F, [1, "S", d]),
+                             oh.make_tensor_value_info("mask", F, [1, mask_heads, "S", "S"])],
+                     [oh.make_tensor_value_info("y", F, [1, "S", 8])], init, opset=23)
+    proto.ir_version = 10
+    return proto
+
+
+def test_standard_attention_loses_heads_in_q_k_v_and_both_head_counts():
+    proto = standard_attention()
+    out = pruned(proto, {0: [0, 2]})
+    got = inits(out)
+    assert got["wq"].shape == (16, 8) and got["bv"].shape == (8,) and got["wo"].shape == (8, 8)
+    att = [n for n in out.graph.node if n.op_type == "Attention"][0]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in att.attribute} == {"q_num_heads": 2, "kv_num_heads": 2}
+    wo = inits(proto)["wo"].copy()
+    wo[0:4] = wo[8:12] = 0  # heads 0 and 2
+    feeds = attention_feeds()
+    np.testing.assert_allclose(run(out, feeds)["y"], run(with_inits(proto, wo=wo), feeds)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_standard_attention_with_a_per_head_mask_is_left_alone():
+    groups, skipped = find_groups(import_model(standard_attention(mask_heads=4)).graph)
+    assert not [g for g in groups if g.kind == "heads"]
+    assert any("may vary per head" in r for r in skipped.values())
