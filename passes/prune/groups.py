@@ -283,13 +283,7 @@ def _attention(f: Finder, node: gs.Node) -> Group | str | None:
         return None
     g = Group(label=label, kind="heads", units=heads, width=dh, reads=node.inputs[0].name)
     idx = f.node_index
-    for m, add, b in lins:
-        g.cuts.append(Cut(idx(m), 1, 1))
-        if add is not None:
-            g.cuts.append(Cut(idx(add), b, 0))
-            g.tensors.append(add.outputs[0].name)
-        g.tensors.append(m.outputs[0].name)
-        g.producers.append(idx(m))
+    _cut_projections(g, lins, idx)
     for rs, passed, spec in (q, k, v):
         if spec[2] == heads:
             g.reshapes.append((idx(rs), 2, 1))
@@ -305,6 +299,18 @@ def _attention(f: Finder, node: gs.Node) -> Group | str | None:
             break
         s = n.outputs[0]
     return _read_by(f, g, node, qk)
+
+
+def _cut_projections(g: Group, lins: list, idx) -> None:
+    """The Q, K and V projections (`_linear_with_bias` each) join the head group: their weights'
+    columns and biases are cut, their outputs carry the heads."""
+    for m, add, b in lins:
+        g.cuts.append(Cut(idx(m), 1, 1))
+        if add is not None:
+            g.cuts.append(Cut(idx(add), b, 0))
+            g.tensors.append(add.outputs[0].name)
+        g.tensors.append(m.outputs[0].name)
+        g.producers.append(idx(m))
 
 
 def _reaches_scores(t: gs.Tensor) -> bool:
@@ -389,13 +395,7 @@ def _standard_attention(f: Finder, node: gs.Node) -> Group | str | None:
         return f"{label}: its output is not read by one MatMul with a constant weight: heads left alone"
     idx = f.node_index
     g = Group(label=label, kind="heads", units=heads, width=width // heads, reads=node.outputs[0].name)
-    for m, add, b in lins:
-        g.cuts.append(Cut(idx(m), 1, 1))
-        if add is not None:
-            g.cuts.append(Cut(idx(add), b, 0))
-            g.tensors.append(add.outputs[0].name)
-        g.tensors.append(m.outputs[0].name)
-        g.producers.append(idx(m))
+    _cut_projections(g, lins, idx)
     g.attrs += [(idx(node), "q_num_heads"), (idx(node), "kv_num_heads")]
     g.tensors.append(node.outputs[0].name)
     return _read_by(f, g, consumer, node)
