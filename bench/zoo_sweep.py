@@ -51,13 +51,16 @@ CONFIGS = {
 FUSION_CONFIGS = ("fuse ort", "fuse opset 23")
 
 
-def cosines(src: str, out: str, sample: dict) -> tuple[float | None, bool]:
-    """(worst output cosine of `out` against `src`, whether an output has NaN or Inf)."""
-    a = rb.session(src, None)
-    b = rb.session(out, None)
-    feeds = {k: v for k, v in sample.items() if k in {i.name for i in a.get_inputs()}}
+def outputs(path: str, sample: dict) -> list:
+    s = rb.session(path, None)
+    return s.run(None, {k: v for k, v in sample.items() if k in {i.name for i in s.get_inputs()}})
+
+
+def cosines(ref: list, out: str, sample: dict) -> tuple[float | None, bool]:
+    """(worst output cosine of `out` against the input model's outputs `ref`, whether an output
+    has NaN or Inf)."""
     worst, bad = None, False
-    for x, y in zip(a.run(None, feeds), b.run(None, feeds)):
+    for x, y in zip(ref, outputs(out, sample)):
         x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
         bad |= not np.all(np.isfinite(y))
         if x.size and np.linalg.norm(x) > 0 and np.linalg.norm(y) > 0:
@@ -88,6 +91,7 @@ def main():
     for path in models:
         name = path.stem
         sample = dict(np.load(path.with_suffix(".npz")))
+        ref = outputs(str(path), sample)
         calib = str(path.with_name(name + "_calib.npz"))
         for config, flags in configs.items():
             out = args.work / f"{name}.{config.replace(' ', '_').replace(':', '').replace('%', '')}.onnx"
@@ -103,7 +107,7 @@ def main():
             if p.returncode == 0 and out.exists():
                 row["size"] = round(out.stat().st_size / path.stat().st_size, 3)
                 try:
-                    row["cosine"], row["nonfinite"] = cosines(str(path), str(out), sample)
+                    row["cosine"], row["nonfinite"] = cosines(ref, str(out), sample)
                 except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
                     row["load_error"] = rb.tail(str(e), 300)
                 if config in FUSION_CONFIGS and report.exists():

@@ -165,7 +165,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
             except (UsageError, TypeError, ValueError):  # an input no sample can be made for (float8...)
                 if needed:
                     raise
-            made_up = [n for n in (evaluation[0] if evaluation else {}) if given is not None and n not in given]
+            made_up = [n for n in evaluation[0] if n not in given] if given is not None and evaluation else []
             if made_up:
                 notes.append(f"inputs: no values for {', '.join(made_up)} in the given inputs: generated")
     else:  # real data held back from calibration verifies better than generated inputs

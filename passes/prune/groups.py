@@ -357,9 +357,8 @@ def _fused_attention(f: Finder, node: gs.Node) -> Group | str | None:
     if heads < 2 or ins[1].shape[1] % 3 or width % heads:
         return None
     dh = width // heads
-    consumer = f.single(node.outputs[0])
-    if consumer is None or consumer.op != "MatMul" or not _const2(consumer.inputs[1], 2) \
-            or consumer.inputs[0] is not node.outputs[0]:
+    consumer = _output_projection(f, node)
+    if consumer is None:
         return f"{label}: its output is not read by one MatMul with a constant weight: heads left alone"
     idx = f.node_index
     g = Group(label=label, kind="heads", units=heads, width=dh, reads=node.outputs[0].name)
@@ -389,9 +388,8 @@ def _standard_attention(f: Finder, node: gs.Node) -> Group | str | None:
     width = lins[0][0].inputs[1].shape[1]
     if any(m.inputs[1].shape[1] != width for m, _, _ in lins) or width % heads or heads < 2:
         return None
-    consumer = f.single(node.outputs[0])
-    if consumer is None or consumer.op != "MatMul" or not _const2(consumer.inputs[1], 2) \
-            or consumer.inputs[0] is not node.outputs[0]:
+    consumer = _output_projection(f, node)
+    if consumer is None:
         return f"{label}: its output is not read by one MatMul with a constant weight: heads left alone"
     idx = f.node_index
     g = Group(label=label, kind="heads", units=heads, width=width // heads, reads=node.outputs[0].name)
@@ -399,6 +397,15 @@ def _standard_attention(f: Finder, node: gs.Node) -> Group | str | None:
     g.attrs += [(idx(node), "q_num_heads"), (idx(node), "kv_num_heads")]
     g.tensors.append(node.outputs[0].name)
     return _read_by(f, g, consumer, node)
+
+
+def _output_projection(f: Finder, node: gs.Node) -> gs.Node | None:
+    """The one MatMul with a constant weight that reads a fused attention's output, or None."""
+    consumer = f.single(node.outputs[0])
+    if consumer is None or consumer.op != "MatMul" or not _const2(consumer.inputs[1], 2) \
+            or consumer.inputs[0] is not node.outputs[0]:
+        return None
+    return consumer
 
 
 def _read_by(f: Finder, g: Group, consumer: gs.Node, scores: gs.Node) -> Group:
