@@ -216,7 +216,11 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
                         _write_split(path, os.fspath(split), None, check, ctx.details, say, tolerance != "lossy")
             size_after = _proto_size(out_model)
     except VerificationError:
-        if verify == "final" and len(ordered) > 1 and check.reference is not None:
+        # a lossless run that changed the outputs: find the pass. A lossy run that missed the
+        # budget is the lossy passes' doing (they measured it): the lossless ones before them
+        # can drift past the fp32 tolerance through a deep network without any bug (PP-OCRv4 rec
+        # after fold: 1.2e-4 on a near-tie probability), and blaming them would mislead
+        if verify == "final" and len(ordered) > 1 and check.reference is not None and tolerance != "lossy":
             _localize(model, ordered, pass_options, ctx, evaluation, say)
         raise
     except ModelError as e:
