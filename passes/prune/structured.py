@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import STANDARD_DOMAINS, Names, is_constant, refresh_shapes, values
 
-from ..quant.budget import Measure, copy_model
+from ..quant.budget import Measure, copy_model, score_name
 from ..quant.calib import Forward, Gram, channel_rows, observe
 from .groups import Group, find_groups
 from .teacher import residual, stages
@@ -560,7 +560,7 @@ def run_structured(model, ctx, sequential: bool = True) -> Counter:
             f"{removed_macs / max(all_macs, 1):.1%} of their multiply-adds"
             + (f" ({1 - ops_after / ops_before:.1%} of the model's MatMul/Gemm/Conv/Attention multiply-adds on "
                "the verification sample)"
-               if ops_before else "") + "; worst output mean cosine "
+               if ops_before else "") + f"; worst output mean {score_name(ctx.argmax)} "
             f"{score:.6f} on {len(ctx.evaluation)} sample(s)")
     counts["groups_left_alone"] = len(skipped)
     return +counts

@@ -37,7 +37,7 @@ from onnxopt.pipeline import Pass
 
 from . import int4, int8
 from . import static as qdq
-from .budget import Measure, copy_model, fit_budget, latency_ratio
+from .budget import Measure, copy_model, fit_budget, latency_ratio, score_name
 from .calib import channel_rows, input_products, observe, weight_products
 from .fp16 import convert_to_fp16
 
@@ -225,13 +225,14 @@ class QuantPass(Pass):
 
     @staticmethod
     def log_fit(ctx, fit, sites, what: str, noun: str = "nodes") -> None:
+        score = score_name(ctx.argmax)
         for label, loss in list(fit.sensitivity.items())[:10]:
-            ctx.log(f"quant: sensitivity {label}: cosine {1 - loss:.6f} with only it quantized")
+            ctx.log(f"quant: sensitivity {label}: {score} {1 - loss:.6f} with only it quantized")
         if fit.kept:
-            ctx.log(f"quant: kept in float for the budget (cosine >= {ctx.min_cosine}): "
+            ctx.log(f"quant: kept in float for the budget ({score} >= {ctx.min_cosine}): "
                     f"{', '.join(s.label for s in fit.kept)}")
         ctx.log(f"quant: {what}: {len(fit.chosen)} of {len(sites)} {noun} quantized, "
-                f"worst output mean cosine {fit.score:.6f} on {len(ctx.evaluation)} sample(s), {fit.trials} trial(s)")
+                f"worst output mean {score} {fit.score:.6f} on {len(ctx.evaluation)} sample(s), {fit.trials} trial(s)")
 
     def mixed(self, model, ctx, only: frozenset[int] | None = None) -> Counter:
         """float16 wherever the budget holds: the fp16 conversion, measured; when an output misses

@@ -34,6 +34,12 @@ class Fit:
     variant: dict = field(default_factory=dict)  # site index -> the rewrite variant chosen (absent: 0)
 
 
+def score_name(argmax: dict) -> str:
+    """What a budget score is, for the notes: the cosine, or where a Softmax output's argmax
+    agreement counts too (`Measure.score`), the lower of the two."""
+    return "cosine or argmax agreement (the lower)" if argmax else "cosine"
+
+
 def copy_model(m: Model) -> Model:
     """A copy whose graph can be rewritten apart (weights are shared, not copied)."""
     return Model(m.graph.copy(), m.meta, m.value_info_names, m.dropped_initializers)

@@ -258,6 +258,7 @@ def test_argmax_agreement_of_a_softmax_output_is_part_of_the_budget():
     assert ops(kept.model) == ["MatMul", "Softmax", "Identity"]
     (metrics,) = kept.verification["outputs"]
     assert (metrics["agreement"], metrics["positions"], metrics["samples"]) == (1.0, 64, 4)
+    assert "quant: kept in float for the budget (cosine or argmax agreement (the lower) >= 0.99): head" in kept.explain
     with pytest.raises(onnxopt.VerificationError,
                        match=r"missed the error budget \(cosine and argmax agreement >= 0.99\): "
                              r"'y' cosine 0\.99\d+, argmax agreement 0\.\d+;"):
