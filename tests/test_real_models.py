@@ -33,7 +33,12 @@ def test_minilm_fold_cleanup(export, nodes, tmp_path):
 @pytest.mark.parametrize("export", ["legacy", "dynamo"])
 def test_minilm_fuse_ort(export, tmp_path):
     result = run(MINILM[export], tmp_path, ["fold", "cleanup", "fuse"], target="ort")
-    assert result.passes[2].counts == {"attention": 6, "gelu": 6, "bias_gelu": 6}
+    assert result.passes[2].counts == {"attention": 6, "gelu": 6, "bias_gelu": 6, "skip_add_as_sum": 12}
+    # the residual sums stay apart from their LayerNormalization in onnxruntime too (its own
+    # SkipLayerNormalization fusion fires on the dynamo export, where it proves the shapes)
+    assert "SkipLayerNormalization" not in runtime_ops(tmp_path / "out.onnx", tmp_path)
+    assert ("SkipLayerNormalization" in runtime_ops(os.path.join(SHARED, MINILM[export]), tmp_path)) == (
+        export == "dynamo")
     opt_in = run(MINILM[export], tmp_path, ["fold", "cleanup", "fuse"], target="ort",
                  options=["fuse.skip_layer_norm=true"])
     assert opt_in.passes[2].counts == {"attention": 6, "skip_layer_norm": 12, "skip_layer_norm_bias": 12,
@@ -46,11 +51,23 @@ def test_minilm_fuse_ort(export, tmp_path):
 def test_minilm_fuse_onnx_raised_to_opset23(export, opset, tmp_path):
     """--target onnx: GELU (opset 20) and attention (opset 23) in standard operators."""
     result = run(MINILM[export], tmp_path, ["fold", "cleanup", "fuse"], max_opset=23)
-    assert result.passes[2].counts == {f"opset_raised_{opset}_to_23": 1, "attention_onnx": 6, "gelu": 6}
+    assert result.passes[2].counts == {f"opset_raised_{opset}_to_23": 1, "attention_onnx": 6, "gelu": 6,
+                                       "skip_add_as_sum": 12}
     assert all(o["ok"] and o["max_abs"] < 1e-4 for o in result.verification["outputs"])
     # the opset kept: no GELU, and on the legacy export its 0.5 goes into the next MatMul's weight
     kept = run(MINILM[export], tmp_path, ["fold", "cleanup", "fuse"])
-    assert kept.passes[2].counts == ({"scale_into_matmul": 6} if export == "legacy" else {})
+    assert kept.passes[2].counts == ({"scale_into_matmul": 6} if export == "legacy" else {}) | {"skip_add_as_sum": 12}
+
+
+def runtime_ops(path, tmp_path) -> set[str]:
+    """The ops of onnxruntime's own optimized graph of a model (CPU, all its fusions)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "runtime.onnx")
+    options.log_severity_level = 4
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(tmp_path / "runtime.onnx").graph.node}
 
 
 def test_mobilenet_fold_cleanup(tmp_path):

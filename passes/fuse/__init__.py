@@ -27,7 +27,7 @@ from .activations import RULES as ACTIVATION_RULES
 from .attention import RULES as ATTENTION_RULES
 from .conv import RULES as CONV_RULES
 from .linear import RULES as LINEAR_RULES
-from .norms import RULES as NORM_RULES
+from .norms import RULES as NORM_RULES, residual_sums
 from .runtime import kernel_refusal
 
 # Priority order: the big patterns first, then norms, then the activations that sit inside them.
@@ -92,12 +92,15 @@ class FusePass(Pass):
 
     def run(self, model, ctx):
         off = {n.strip() for n in self.options.disable.split(",") if n.strip()}
-        unknown = off - {r.name for r in RULES}
+        known = {r.name for r in RULES} | {"skip_add_as_sum"}
+        unknown = off - known
         if unknown:
             raise UsageError(f"fuse.disable: unknown rule(s) {', '.join(sorted(unknown))}; "
-                             f"rules: {', '.join(sorted({r.name for r in RULES}))}")
+                             f"rules: {', '.join(sorted(known))}")
         if not self.options.skip_layer_norm:
             off |= {"skip_layer_norm", "skip_layer_norm_bias", "skip_rms_norm"}
+        elif ctx.target == "ort":  # the residual Add is what SkipLayerNormalization takes in
+            off |= {"skip_add_as_sum"}
         rules = [r for r in RULES if ctx.target in r.targets and r.name not in off]
         counts = Counter()
         misses: dict[tuple, str] = {}
@@ -112,6 +115,8 @@ class FusePass(Pass):
         if self._raise(model, wanted, ctx, counts):  # a pattern another rewrite revealed
             misses.clear()
             self._sweep(model.graph, rules, ctx, counts, misses, probed)
+        if "skip_add_as_sum" not in off:
+            counts["skip_add_as_sum"] = sum(residual_sums(g) for g in all_graphs(model.graph))
         # two spellings of one computation fuse into identical nodes: keep one (else cleanup's CSE
         # would only find them in a second run)
         new = {id(n) for g in all_graphs(model.graph) for n in g.nodes} - before
@@ -122,7 +127,7 @@ class FusePass(Pass):
         if ctx.explain:
             for (rule, where), reason in misses.items():
                 ctx.log(f"fuse: {rule} at {where}: not fused: {reason}")
-        return counts
+        return +counts
 
     @staticmethod
     def _raise(model, wanted: int, ctx, counts) -> bool:
