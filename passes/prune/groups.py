@@ -28,7 +28,7 @@ from onnxopt.graph import STANDARD_DOMAINS, all_graphs, is_constant, producer, s
 UNARY = {"Relu", "Sigmoid", "Tanh", "Erf", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Softplus",
          "Softsign", "Gelu", "Neg", "Abs", "Exp", "Identity", "Mish", "Celu", "ThresholdedRelu", "Clip", "Dropout",
          "FastGelu", "BiasGelu", "QuickGelu"}  # Clip's min/max and the Gelus' bias are constants (checked)
-BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"}
+BINARY = {"Add", "Sum", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"}  # Sum: fuse's residual before a LayerNorm
 POOLS = {"GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool"}
 
 

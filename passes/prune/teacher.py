@@ -55,7 +55,8 @@ def residual(graph: gs.Graph, index: int, at: dict[int, int]) -> str | None:
     None where there is none. at: id(node) -> position."""
     out = graph.nodes[index].outputs[0]
     for _ in range(2):
-        if len(out.outputs) != 1 or out.outputs[0].op != "Add" or len(out.outputs[0].inputs) != 2:
+        # a Sum of two is the same residual (fuse writes the one a LayerNormalization reads so)
+        if len(out.outputs) != 1 or out.outputs[0].op not in ("Add", "Sum") or len(out.outputs[0].inputs) != 2:
             return None
         add = out.outputs[0]
         other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]

@@ -536,6 +536,20 @@ def test_consumers_refitted_stage_by_stage_match_the_original_sum_better():
     assert inits(export_model(m))["w2"].shape == (20, 8)  # the cut stays
 
 
+
+def test_the_residual_is_found_past_fuses_sum():
+    """fuse writes the residual Add a LayerNormalization reads as Sum: the stage-by-stage refit
+    still takes up the residual stream's drift there, and the FFN neurons are still a group."""
+    from onnxopt.passes.prune.teacher import residual
+
+    fused = onnxopt.optimize(block(), passes=["fuse"]).model
+    m = import_model(fused)
+    groups, _ = find_groups(m.graph)
+    assert sorted(g.kind for g in groups) == sorted(g.kind for g in find_groups(import_model(block()).graph)[0])
+    down = next(g for g in groups if g.kind == "neurons").refit[0]
+    at = {id(n): i for i, n in enumerate(m.graph.nodes)}
+    assert residual(m.graph, down, at) == "y0"
+
 def test_no_residual_where_the_other_operand_comes_from_the_output():
     from onnxopt.passes.prune.teacher import residual
 
