@@ -16,11 +16,12 @@
   for `ort`): the residual Add(a, b) that a LayerNormalization normalizes, of two computed 3-D
   tensors of one proven shape, is written as Sum(a, b), the same float32 sum. onnxruntime fuses
   that Add + LayerNormalization into its SkipLayerNormalization by itself wherever it can prove
-  the shapes (the dynamo exports), and in 1.32 that CPU kernel runs 4-7x slower than the two it
-  replaces (bench/skip_layer_norm.md: 299 us against 43 us at [1, 128, 384]); a Sum it leaves
-  alone. On MiniLM dynamo: 12 nodes, and the fused model's latency from 0.96x to 0.88x the
-  float model's. `--opt fuse.disable=skip_add_as_sum` keeps the Add (for a runtime whose fused
-  kernel is the faster one: onnxruntime's CUDA SkipLayerNormalization is one kernel for two).
+  the shapes (the dynamo exports), and in 1.32 that CPU kernel runs 3.5-6.5x slower than the
+  two it replaces (bench/skip_layer_norm.md: 312 us against 49 us at [1, 128, 384]); a Sum it
+  leaves alone. On MiniLM dynamo: 12 nodes, and the fused model's latency from 0.96x to 0.88x
+  the float model's. `--opt fuse.disable=skip_add_as_sum` keeps the Add (for a runtime whose
+  fused kernel is the faster one: onnxruntime's CUDA SkipLayerNormalization is one kernel for
+  two).
 """
 
 from __future__ import annotations
