@@ -73,6 +73,19 @@ def run(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
         return run_model(save(model, tmp), feeds)
 
 
+
+def runtime_ops(model: onnx.ModelProto | str | os.PathLike) -> list[str]:
+    """The op sequence of onnxruntime's own optimized graph of a model (CPU, all its fusions on)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = os.path.join(tmp, "runtime.onnx")
+        options.log_severity_level = 4
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return ops(onnx.load(options.optimized_model_filepath))
+
 def optimize_checked(model: onnx.ModelProto, passes, feeds: dict | None = None, exact: bool = False, **kwargs):
     """Optimize a ModelProto, then assert: onnx.checker passes, onnxruntime loads the result, and its
     outputs equal the original's (bitwise with exact=True, else rtol 1e-4 / atol 1e-5).

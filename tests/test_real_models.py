@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 import onnxopt
+from models.builders import runtime_ops
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models")
 MINILM = {"legacy": "all-MiniLM-L6-v2_legacy_op17.onnx", "dynamo": "all-MiniLM-L6-v2_dynamo_op18.onnx"}
@@ -36,8 +37,8 @@ def test_minilm_fuse_ort(export, tmp_path):
     assert result.passes[2].counts == {"attention": 6, "gelu": 6, "bias_gelu": 6, "skip_add_as_sum": 12}
     # the residual sums stay apart from their LayerNormalization in onnxruntime too (its own
     # SkipLayerNormalization fusion fires on the dynamo export, where it proves the shapes)
-    assert "SkipLayerNormalization" not in runtime_ops(tmp_path / "out.onnx", tmp_path)
-    assert ("SkipLayerNormalization" in runtime_ops(os.path.join(SHARED, MINILM[export]), tmp_path)) == (
+    assert "SkipLayerNormalization" not in runtime_ops(tmp_path / "out.onnx")
+    assert ("SkipLayerNormalization" in runtime_ops(os.path.join(SHARED, MINILM[export]))) == (
         export == "dynamo")
     opt_in = run(MINILM[export], tmp_path, ["fold", "cleanup", "fuse"], target="ort",
                  options=["fuse.skip_layer_norm=true"])
@@ -57,17 +58,6 @@ def test_minilm_fuse_onnx_raised_to_opset23(export, opset, tmp_path):
     # the opset kept: no GELU, and on the legacy export its 0.5 goes into the next MatMul's weight
     kept = run(MINILM[export], tmp_path, ["fold", "cleanup", "fuse"])
     assert kept.passes[2].counts == ({"scale_into_matmul": 6} if export == "legacy" else {}) | {"skip_add_as_sum": 12}
-
-
-def runtime_ops(path, tmp_path) -> set[str]:
-    """The ops of onnxruntime's own optimized graph of a model (CPU, all its fusions)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "runtime.onnx")
-    options.log_severity_level = 4
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return {n.op_type for n in onnx.load(tmp_path / "runtime.onnx").graph.node}
 
 
 def test_mobilenet_fold_cleanup(tmp_path):

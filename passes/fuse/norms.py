@@ -98,11 +98,17 @@ def _layer_norm(m, env, outputs):
                     inputs=inputs, outputs=outputs)]
 
 
+def _one_3d_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
+    """Whether a and b are 3-D tensors of one proven shape (the summands SkipLayerNormalization takes)."""
+    return a.shape is not None and len(a.shape) == 3 and list(a.shape) == list(b.shape or []) \
+        and all(d is not None for d in a.shape)
+
+
 def _skip_check(m, env):
     ln, a, b = m["ln"], m["a"], m["b"]
     if len(ln.outputs) > 1 and any(t.outputs for t in ln.outputs[1:]):
         return "mean or inverse std output is used"
-    if a.shape is None or len(a.shape) != 3 or a.shape != b.shape or any(d is None for d in a.shape):
+    if not _one_3d_shape(a, b):
         return "the two summands are not 3-D tensors of one proven shape"
     if ln.attrs.get("axis", -1) not in (-1, 2):
         return "not normalized over the last axis"
@@ -148,8 +154,7 @@ def residual_sums(graph: gs.Graph) -> int:
         a, b = add.inputs
         # what onnxruntime fuses: two computed 3-D summands of one proven shape (a constant one is a
         # bias); elsewhere it leaves the Add apart and the Add stays
-        if not (is_constant(a) or is_constant(b)) and a.shape is not None and len(a.shape) == 3 \
-                and list(a.shape) == list(b.shape or []) and all(d is not None for d in a.shape):
+        if not (is_constant(a) or is_constant(b)) and _one_3d_shape(a, b):
             add.op = "Sum"
             done += 1
     return done
@@ -210,7 +215,7 @@ def _rms_norm(m, env, outputs):
 
 def _skip_rms_refusal(m) -> str | None:
     a, b = m["a"], m["b"]
-    if a.shape is None or len(a.shape) != 3 or a.shape != b.shape or any(d is None for d in a.shape):
+    if not _one_3d_shape(a, b):
         return "the two summands are not 3-D tensors of one proven shape"
     dtype = m["add"].outputs[0].dtype
     if dtype is None or isinstance(dtype, int) or np.dtype(dtype) not in (np.float32, np.float16):
