@@ -68,7 +68,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
              passes=("fold", "cleanup"), *, verify: str = "final", inputs: dict | str | None = None,
              input_shapes: dict | list | None = None, options: dict | list | None = None, target: str = "onnx",
              max_opset: int | None = None, external_data: bool | None = None, calibration_data=None,
-             quant: str | None = None, min_cosine: float | None = None, write_over_budget: bool = False,
+             quant: str | None = None, min_cosine: float | None = None, min_agreement: float | None = None,
+             write_over_budget: bool = False,
              prune: str | None = None, sparsity: float | None = None,
              devices=None, pins=None, split: str | os.PathLike | None = None,
              explain: bool = False, progress: Callable[[str], None] | None = None) -> Result:
@@ -81,6 +82,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     (one sample each), or an iterable of feed dicts.
     min_cosine: the error budget of lossy passes: every output's cosine against the original
     (default 0.999 for fp16 and mixed, 0.98 for int4, else 0.99).
+    min_agreement: for the outputs a Softmax or LogSoftmax computes, the fraction of argmaxes
+    (classes, characters) that must stay the same, every change counted; without it, their
+    agreement must reach min_cosine with the original's close calls (within 0.05) not counted.
     write_over_budget: write a result that misses it anyway (the misses are in
     Result.verification["over_budget"]); otherwise VerificationError.
     max_opset: the opset a pass may raise the model to when a fused operator needs it (None:
@@ -128,6 +132,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
         check_split_dir(os.fspath(split))
     if min_cosine is not None and not 0.0 < min_cosine <= 1.0:
         raise UsageError(f"bad --min-cosine {min_cosine}: expected a number in (0, 1]")
+    if min_agreement is not None and not 0.0 < min_agreement <= 1.0:
+        raise UsageError(f"bad --min-agreement {min_agreement}: expected a number in (0, 1]")
     if max_opset is not None and not 1 <= max_opset <= onnx.defs.onnx_opset_version():
         raise UsageError(f"bad --max-opset {max_opset}: this onnx knows opsets 1 to {onnx.defs.onnx_opset_version()}")
     given = verification.load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
@@ -171,9 +177,12 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     else:  # real data held back from calibration verifies better than generated inputs
         evaluation = evaluation[:MAX_EVALUATION_SAMPLES]
     budget = min_cosine if min_cosine is not None else LOSSY_BUDGETS.get(quant, 0.99)
-    check = _Checker(verify, evaluation, in_path, proto, say, budget, write_over_budget)
+    check = _Checker(verify, evaluation, in_path, proto, say, budget, write_over_budget, min_agreement)
+    if min_agreement is not None and not check.argmax:
+        notes.append("--min-agreement: no output is computed by a Softmax or LogSoftmax, so no argmax agreement "
+                     "is measured; the cosine budget alone applies")
     ctx = Context(target=target, max_opset=max_opset, quant=quant, prune=prune, sparsity=sparsity,
-                  min_cosine=budget, calibration_data=calibration,
+                  min_cosine=budget, min_agreement=min_agreement, calibration_data=calibration,
                   inputs=given, evaluation=evaluation, explain=explain, log=notes.append,
                   devices=devices, pins=list(pins or []), passes=tuple(ordered), argmax=check.argmax)
     each = functools.partial(check.after_pass, m=m) if verify == "each" else None
@@ -247,7 +256,8 @@ def _write_split(model_path: str, folder: str, name: str | None, check: "_Checke
     if check.final_outputs is not None:
         say("verifying the split")
         record.update(compare_split(folder, check.feeds, check.final_outputs) if exact else
-                      compare_split(folder, check.feeds, check.reference, check.budget, check.argmax))
+                      compare_split(folder, check.feeds, check.reference, check.budget, check.argmax,
+                                    check.min_agreement))
     details.setdefault("partition", {})["split"] = record
 
 
@@ -271,8 +281,9 @@ class _Checker:
     """Verification state: reference outputs, the previous stage's outputs, the metrics."""
 
     def __init__(self, mode, feeds: list[dict], in_path, proto, say, budget: float = 0.99,
-                 over_budget_ok: bool = False):
+                 over_budget_ok: bool = False, min_agreement: float | None = None):
         self.mode, self.say, self.budget, self.over_budget_ok = mode, say, budget, over_budget_ok
+        self.min_agreement = min_agreement
         self.over_budget: list[str] = []
         self.reference = None
         self.previous = None
@@ -309,13 +320,14 @@ class _Checker:
             except (verification.RuntimeUnavailable, verification.RunFailed) as e:
                 raise VerificationError(f"pass {p.name!r} produced a model onnxruntime cannot run: {e}",
                                         pass_name=p.name) from None
-        metrics = verification.compare_samples(self.previous, got, p.tolerance, self.budget, self.argmax)
+        metrics = verification.compare_samples(self.previous, got, p.tolerance, self.budget, self.argmax,
+                                               self.min_agreement)
         record.verification = [x.as_dict() for x in metrics]
         if p.tolerance == "lossy" and self.over_budget_ok:
             self.over_budget += [f"pass {p.name!r}: {x.name!r} {x.miss()} (budget {self.budget})"
                                  for x in metrics if not x.ok]
         else:
-            _raise_if_bad(metrics, f"pass {p.name!r}", p.name, p.tolerance, self.budget)
+            _raise_if_bad(metrics, f"pass {p.name!r}", p.name, p.tolerance, self.budget, self.min_agreement)
         self.previous = got
 
     def final(self, path: str, ordered: list[str], tolerance: str) -> None:
@@ -327,13 +339,15 @@ class _Checker:
         except (verification.RuntimeUnavailable, verification.RunFailed) as e:
             raise VerificationError(f"the optimized model cannot run on onnxruntime: {e}") from None
         self.final_outputs = got
-        metrics = verification.compare_samples(self.reference, got, tolerance, self.budget, self.argmax)
+        metrics = verification.compare_samples(self.reference, got, tolerance, self.budget, self.argmax,
+                                               self.min_agreement)
         self.outputs = [x.as_dict() for x in metrics]
         label = f"pass {ordered[0]!r}" if len(ordered) == 1 else f"passes {','.join(ordered)}"
         if tolerance == "lossy" and self.over_budget_ok:  # the caller accepts a miss: report it, write
             self.over_budget += [f"{x.name!r} {x.miss()} (budget {self.budget})" for x in metrics if not x.ok]
             return
-        _raise_if_bad(metrics, label, ordered[0] if len(ordered) == 1 else None, tolerance, self.budget)
+        _raise_if_bad(metrics, label, ordered[0] if len(ordered) == 1 else None, tolerance, self.budget,
+                      self.min_agreement)
 
     def summary(self) -> dict:
         return {"mode": self.mode, "skipped": self.skipped, "outputs": self.outputs, "over_budget": self.over_budget}
@@ -347,14 +361,17 @@ def _tolerance(ordered: list[str], pass_options: dict) -> str:
 
 
 def _raise_if_bad(metrics, label: str, pass_name: str | None, tolerance: str = "fp32",
-                  budget: float = 0.99) -> None:
+                  budget: float = 0.99, min_agreement: float | None = None) -> None:
     bad = [x for x in metrics if not x.ok]
     if not bad:
         return
     if tolerance == "lossy":  # every output that missed the budget, and by how much
         detail = "; ".join(f"{x.name!r} {x.miss()}" for x in bad)
-        what = "cosine and argmax agreement" if any(x.agreement is not None for x in bad) else "cosine"
-        raise VerificationError(f"{label} missed the error budget ({what} >= {budget}): {detail}; "
+        what = f"cosine >= {budget}"
+        if any(x.agreement is not None for x in bad):
+            what = (f"cosine >= {budget}, argmax agreement >= {min_agreement}" if min_agreement is not None
+                    else f"cosine and argmax agreement >= {budget}")
+        raise VerificationError(f"{label} missed the error budget ({what}): {detail}; "
                                 "nothing was written (--write-over-budget writes it anyway)",
                                 pass_name=pass_name, output=bad[0].name)
     x = bad[0]
@@ -369,7 +386,7 @@ def _localize(model, ordered, pass_options, ctx, feeds, say) -> None:
     say("finding the pass that changed the outputs")
     proto = io.load_model(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else model
     m = import_model(proto)
-    check = _Checker("each", feeds, None, proto, say, ctx.min_cosine or 0.99)
+    check = _Checker("each", feeds, None, proto, say, ctx.min_cosine or 0.99, min_agreement=ctx.min_agreement)
     run_passes(m, ordered, pass_options, ctx, after_each=lambda p, r: check.after_pass(p, r, m))
     # No pass failed on its own: the caller re-raises the original error.
 

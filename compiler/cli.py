@@ -79,6 +79,10 @@ class Progress:
               help="Error budget of lossy passes: every output's mean cosine similarity against the original "
                    "model must be at least C (default 0.999 for fp16 and mixed, 0.98 for int4, else 0.99), or "
                    "nothing is written.")
+@click.option("--min-agreement", type=float, metavar="A",
+              help="For outputs a Softmax or LogSoftmax computes (classes, characters): the fraction of argmaxes "
+                   "that must stay the same, every change counted. Default: their agreement must reach "
+                   "--min-cosine, changes among the original's close calls (within 0.05) not counted.")
 @click.option("--write-over-budget", is_flag=True,
               help="Write the result even when an output misses --min-cosine (each miss is a warning).")
 @click.option("--external-data", is_flag=True,
@@ -99,8 +103,8 @@ class Progress:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.version_option(package_name="onnxopt")
 def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_shapes, target, max_opset,
-        quant, prune, sparsity, calibration_path, min_cosine, write_over_budget, external_data, devices, pins,
-        split_dir, report_path, explain, list_passes, verbose, quiet):
+        quant, prune, sparsity, calibration_path, min_cosine, min_agreement, write_over_budget, external_data,
+        devices, pins, split_dir, report_path, explain, list_passes, verbose, quiet):
     """Optimize the ONNX model INPUT and write it to OUTPUT, verified against onnxruntime.
 
     Example: onnxopt model.onnx -o model.opt.onnx --passes fold,cleanup
@@ -121,7 +125,7 @@ def cli(input_path, output_path, passes, opts, verify_mode, inputs_path, input_s
         result = optimize(input_path, output_path, passes=passes, verify=verify_mode, inputs=inputs_path,
                           input_shapes=list(input_shapes), options=list(opts), target=target, max_opset=max_opset,
                           quant=quant, prune=prune, sparsity=sparsity, calibration_data=calibration_path,
-                          min_cosine=min_cosine,
+                          min_cosine=min_cosine, min_agreement=min_agreement,
                           write_over_budget=write_over_budget, external_data=True if external_data else None,
                           devices=devices, pins=list(pins), split=split_dir,
                           explain=explain or verbose, progress=progress)

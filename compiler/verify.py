@@ -43,6 +43,7 @@ class OutputMetrics:
     # (`argmax_agreement`: the original's close calls aside)
     agreement: float | None = None
     positions: int = 0  # how many argmaxes `agreement` counts
+    plain_agreement: float | None = None  # the same, every changed argmax counted (--min-agreement)
 
     def as_dict(self):
         return asdict(self)
@@ -51,8 +52,10 @@ class OutputMetrics:
         """How it missed a budget: its note, or its cosine (and argmax agreement)."""
         if self.note:
             return self.note
-        return f"cosine {self.cosine:.6f}" + ("" if self.agreement is None else
-                                              f", argmax agreement {self.agreement:.4f}")
+        if self.agreement is None:
+            return f"cosine {self.cosine:.6f}"
+        return (f"cosine {self.cosine:.6f}, argmax agreement {self.plain_agreement:.4f} "
+                f"({self.agreement:.4f} with the original's close calls aside)")
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -367,28 +370,43 @@ def _rows(x: np.ndarray, axis: int, flat: bool) -> np.ndarray:
     return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
 
 
-def argmax_agreement(ref: np.ndarray, got: np.ndarray, axis: int, flat: bool, log: bool) -> tuple[int, int]:
-    """(positions whose argmax agrees, positions): a position agrees when both pick the same
-    class, or the reference gave the class `got` picks within CLOSE_CALL of its own choice's
-    probability."""
+def argmax_agreement(ref: np.ndarray, got: np.ndarray, axis: int, flat: bool, log: bool) -> tuple[int, int, int]:
+    """(positions whose argmax agrees, positions whose argmax is the same, positions): a position
+    agrees when both pick the same class, or the reference gave the class `got` picks within
+    CLOSE_CALL of its own choice's probability."""
     r, g = _rows(ref, axis, flat), _rows(got, axis, flat)
     if not r.size:
-        return 0, 0
+        return 0, 0, 0
     p = np.exp(r.astype(np.float64)) if log else r.astype(np.float64)
     at = np.arange(len(p))
-    gap = p[at, np.argmax(r, axis=-1)] - p[at, np.argmax(g, axis=-1)]
-    return int(np.count_nonzero(gap <= CLOSE_CALL)), len(p)
+    picked, got_picked = np.argmax(r, axis=-1), np.argmax(g, axis=-1)
+    gap = p[at, picked] - p[at, got_picked]
+    return int(np.count_nonzero(gap <= CLOSE_CALL)), int(np.count_nonzero(picked == got_picked)), len(p)
+
+
+def _agreement_ok(m: "OutputMetrics", min_cosine: float, min_agreement: float | None) -> bool:
+    """Whether an output's argmax agreement is within the budget: the plain agreement at least
+    `min_agreement` where one is given, else the agreement with close calls aside at least
+    `min_cosine`."""
+    if m.agreement is None:
+        return True
+    if min_agreement is not None:
+        return m.plain_agreement >= min_agreement
+    return m.agreement >= min_cosine
 
 
 # ----------------------------------------------------------------------------------- metrics
 
 
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: str = "fp32",
-            min_cosine: float = 0.99, argmax: dict[str, tuple] | None = None) -> list[OutputMetrics]:
+            min_cosine: float = 0.99, argmax: dict[str, tuple] | None = None,
+            min_agreement: float | None = None) -> list[OutputMetrics]:
     """Per-output metrics; `ok` follows the tolerance class (`fp32`: rtol 1e-4 / atol 1e-5;
     `lossy`: the cosine against the reference at least `min_cosine`, and no NaN or Inf the
     reference does not have). For the outputs named in `argmax` (`argmax_axes`), the agreement of
-    the argmaxes too (`argmax_agreement`); in `lossy`, it must also reach `min_cosine`."""
+    the argmaxes too (`argmax_agreement`); in `lossy`, it must also be within the budget
+    (`_agreement_ok`: the plain agreement at least `min_agreement`, or without one, the agreement
+    with close calls aside at least `min_cosine`)."""
     rtol, atol = TOLERANCES.get(tolerance, TOLERANCES["fp32"])
     result = []
     for name, a in ref.items():
@@ -415,48 +433,49 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: s
         rel = err / np.maximum(np.abs(a64[finite]), 1e-12)
         max_rel = float(rel.max()) if rel.size else 0.0
         cosine = _cosine(a64[finite], b64[finite])
-        agreement, positions = None, 0
+        m = OutputMetrics(name, max_abs, max_rel, cosine, False,
+                          "NaN/Inf positions differ" if nan_mismatch or inf_mismatch else "")
         if argmax and name in argmax and a.ndim:
-            agreed, positions = argmax_agreement(a, b, *argmax[name])
-            agreement = agreed / positions if positions else 1.0
+            agreed, same, m.positions = argmax_agreement(a, b, *argmax[name])
+            m.agreement = agreed / m.positions if m.positions else 1.0
+            m.plain_agreement = same / m.positions if m.positions else 1.0
         if tolerance == "lossy":
-            close = cosine >= min_cosine and (agreement is None or agreement >= min_cosine)
+            close = cosine >= min_cosine and _agreement_ok(m, min_cosine, min_agreement)
         else:
             close = bool(np.all(err <= atol + rtol * np.abs(a64[finite])))
-        ok = not nan_mismatch and not inf_mismatch and close
-        result.append(OutputMetrics(name, max_abs, max_rel, cosine, ok,
-                                    "NaN/Inf positions differ" if nan_mismatch or inf_mismatch else "",
-                                    agreement=agreement, positions=positions))
+        m.ok = not nan_mismatch and not inf_mismatch and close
+        result.append(m)
     return result
 
 
-def compare_samples(refs: list[dict], gots: list[dict], tolerance: str = "fp32",
-                    min_cosine: float = 0.99, argmax: dict[str, tuple] | None = None) -> list[OutputMetrics]:
+def compare_samples(refs: list[dict], gots: list[dict], tolerance: str = "fp32", min_cosine: float = 0.99,
+                    argmax: dict[str, tuple] | None = None, min_agreement: float | None = None) -> list[OutputMetrics]:
     """compare() over several samples: per output, the largest errors, the mean of the samples'
     cosines (what the budget applies to) and the worst sample's in `worst_cosine`, the argmax
     agreement over all the samples' positions; `ok` when every sample is within the fp32
     tolerance, or for `lossy`, when the mean cosine (and the agreement) is within the budget and
     no sample has NaN or Inf where the reference does not."""
     if len(refs) == 1:
-        return compare(refs[0], gots[0], tolerance, min_cosine, argmax)
-    per = [compare(r, g, tolerance, min_cosine, argmax) for r, g in zip(refs, gots)]
+        return compare(refs[0], gots[0], tolerance, min_cosine, argmax, min_agreement)
+    per = [compare(r, g, tolerance, min_cosine, argmax, min_agreement) for r, g in zip(refs, gots)]
     result = []
     for i, first in enumerate(per[0]):
         column = [p[i] for p in per]
         cosines = [x.cosine for x in column]
         mean = float(np.mean(cosines))
         broken = [x.note for x in column if x.note]
-        positions = sum(x.positions for x in column)
-        agreement = None
+        m = OutputMetrics(first.name, max(x.max_abs for x in column), max(x.max_rel for x in column), mean,
+                          False, broken[0] if broken else "", worst_cosine=min(cosines), samples=len(column),
+                          positions=sum(x.positions for x in column))
         if any(x.agreement is not None for x in column):
-            agreement = sum((x.agreement or 0.0) * x.positions for x in column) / positions if positions else 1.0
+            m.agreement, m.plain_agreement = (
+                sum((getattr(x, k) or 0.0) * x.positions for x in column) / m.positions if m.positions else 1.0
+                for k in ("agreement", "plain_agreement"))
         if tolerance == "lossy":
-            ok = not broken and mean >= min_cosine and (agreement is None or agreement >= min_cosine)
+            m.ok = not broken and mean >= min_cosine and _agreement_ok(m, min_cosine, min_agreement)
         else:
-            ok = all(x.ok for x in column)
-        result.append(OutputMetrics(first.name, max(x.max_abs for x in column), max(x.max_rel for x in column),
-                                    mean, ok, broken[0] if broken else "", worst_cosine=min(cosines),
-                                    samples=len(column), agreement=agreement, positions=positions))
+            m.ok = all(x.ok for x in column)
+        result.append(m)
     return result
 
 

@@ -176,7 +176,8 @@ def test_report_contents(cli, simple_path, tmp_path):
     assert r["order_note"] is None
     assert r["verification"] == {"mode": "final", "skipped": None, "over_budget": [], "outputs": [
         {"name": "y", "max_abs": 0.0, "max_rel": 0.0, "cosine": pytest.approx(1.0), "ok": True, "note": "",
-         "worst_cosine": None, "samples": 1, "agreement": None, "positions": 0}]}
+         "worst_cosine": None, "samples": 1, "agreement": None, "positions": 0,
+         "plain_agreement": None}]}
     assert r["before"] == {"nodes": 4, "params": 3, "size": os.path.getsize(simple_path)}
     assert r["after"] == {"nodes": 2, "params": 3, "size": os.path.getsize(out)}
     assert r["output"] == str(out) and r["written"] == [str(out)]

@@ -441,3 +441,28 @@ def test_argmax_agreement_counts_positions_and_joins_the_lossy_budget():
     (m,) = verify.compare_samples([{"y": ref}, {"y": ref[:1, :2]}], [{"y": got}, {"y": ref[:1, :2]}], "lossy",
                                   0.9, {"y": (-1, False, False)})
     assert (m.agreement, m.positions, m.samples, m.ok) == (7 / 8, 8, 2, False)
+
+
+def test_min_agreement_binds_the_plain_agreement_instead():
+    ref = np.zeros((2, 3, 4), np.float32)
+    ref[..., :2] = [0.6, 0.4]
+    ref[1, 2, :2] = [0.52, 0.48]
+    got = ref.copy()
+    got[0, 0, :2] = [0.4, 0.6]
+    got[1, 2, :2] = [0.48, 0.52]  # the close call: counted now
+    axes = {"y": (-1, False, False)}
+    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.9, axes)
+    assert (m.agreement, m.plain_agreement, m.ok) == (5 / 6, 4 / 6, False)
+    assert m.miss() == f"cosine {m.cosine:.6f}, argmax agreement 0.6667 (0.8333 with the original's close calls aside)"
+    # the floor replaces the close-call rule at the cosine budget: 4 of 6 against 0.6 holds, against 0.7 not
+    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.9, axes, min_agreement=0.6)
+    assert m.ok and m.cosine > 0.95
+    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.8, axes, min_agreement=0.7)
+    assert not m.ok
+    # pooled over samples: 4 of 6, then 2 of 2
+    (m,) = verify.compare_samples([{"y": ref}, {"y": ref[:1, :2]}], [{"y": got}, {"y": ref[:1, :2]}], "lossy",
+                                  0.8, axes, min_agreement=0.75)
+    assert (m.plain_agreement, m.agreement, m.ok) == (6 / 8, 7 / 8, True)
+    # not a Softmax output: no agreement, and the floor binds nothing
+    (m,) = verify.compare({"y": ref}, {"y": got}, "lossy", 0.9, None, min_agreement=0.99)
+    assert m.ok and m.plain_agreement is None

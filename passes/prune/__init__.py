@@ -109,7 +109,7 @@ class PrunePass(Pass):
             fit = fit_budget(model, sites, lambda m, chosen: rewrite(m, chosen, 0.5), measure, self.options.fallback)
             chosen, sparsity, score = fit.chosen, 0.5, fit.score
             if fit.kept:
-                ctx.log(f"prune: kept dense for the budget ({score_name(ctx.argmax)} >= {ctx.min_cosine}): "
+                ctx.log(f"prune: kept dense for the budget ({score_name(ctx)} >= {ctx.min_cosine}): "
                         f"{', '.join(s.label for s in fit.kept)}")
         elif ctx.sparsity is not None:
             chosen, sparsity = sites, ctx.sparsity
@@ -173,7 +173,7 @@ class PrunePass(Pass):
                                 "measured_cosine": round(score, 6), "refitted": bool(hessians),
                                 "sequential": sequential}
         ctx.log(f"prune: {ctx.prune}: {len(chosen)} of {len(sites)} layers, {zeros} of {total} weights zeroed "
-                f"({zeros / max(total, 1):.1%}), worst output mean {score_name(ctx.argmax)} {score:.6f} on "
+                f"({zeros / max(total, 1):.1%}), worst output mean {score_name(ctx)} {score:.6f} on "
                 f"{len(ctx.evaluation)} sample(s)")
         return Counter({"layers_pruned": sum(layer["newly_zeroed"] > 0 for layer in layers),
                         "weights_zeroed": sum(layer["newly_zeroed"] for layer in layers),

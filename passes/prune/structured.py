@@ -560,7 +560,7 @@ def run_structured(model, ctx, sequential: bool = True) -> Counter:
             f"{removed_macs / max(all_macs, 1):.1%} of their multiply-adds"
             + (f" ({1 - ops_after / ops_before:.1%} of the model's MatMul/Gemm/Conv/Attention multiply-adds on "
                "the verification sample)"
-               if ops_before else "") + f"; worst output mean {score_name(ctx.argmax)} "
+               if ops_before else "") + f"; worst output mean {score_name(ctx)} "
             f"{score:.6f} on {len(ctx.evaluation)} sample(s)")
     counts["groups_left_alone"] = len(skipped)
     return +counts

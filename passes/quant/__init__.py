@@ -225,7 +225,7 @@ class QuantPass(Pass):
 
     @staticmethod
     def log_fit(ctx, fit, sites, what: str, noun: str = "nodes") -> None:
-        score = score_name(ctx.argmax)
+        score = score_name(ctx)
         for label, loss in list(fit.sensitivity.items())[:10]:
             ctx.log(f"quant: sensitivity {label}: {score} {1 - loss:.6f} with only it quantized")
         if fit.kept:

@@ -34,10 +34,14 @@ class Fit:
     variant: dict = field(default_factory=dict)  # site index -> the rewrite variant chosen (absent: 0)
 
 
-def score_name(argmax: dict) -> str:
+def score_name(ctx) -> str:
     """What a budget score is, for the notes: the cosine, or where a Softmax output's argmax
     agreement counts too (`Measure.score`), the lower of the two."""
-    return "cosine or argmax agreement (the lower)" if argmax else "cosine"
+    if not ctx.argmax:
+        return "cosine"
+    if ctx.min_agreement is not None:
+        return "cosine or argmax agreement (the lower; the agreement shifted by the budget less --min-agreement)"
+    return "cosine or argmax agreement (the lower)"
 
 
 def copy_model(m: Model) -> Model:
@@ -50,16 +54,18 @@ class Measure:
     `model`, or `reference` when given)."""
 
     def __init__(self, model: Model, samples: list[dict], budget: float, reference: list | None = None,
-                 argmax: dict | None = None):
-        self.samples, self.budget, self.argmax = samples, budget, argmax
+                 argmax: dict | None = None, min_agreement: float | None = None):
+        self.samples, self.budget, self.argmax, self.min_agreement = samples, budget, argmax, min_agreement
         self.reference = reference if reference is not None else self.run(model)
 
     @classmethod
     def of(cls, model: Model, ctx, share: float = 1.0) -> "Measure":
         """The measure of a lossy pass: against the model before the first lossy pass of the run
         (so a later pass sees the error of those before it), with `share` of the loss budget
-        (1 - --min-cosine) for a pass that leaves the rest to passes after it."""
-        m = cls(model, ctx.evaluation, 1.0 - (1.0 - (ctx.min_cosine or 0.99)) * share, ctx.reference, ctx.argmax)
+        (1 - --min-cosine, and 1 - --min-agreement) for a pass that leaves the rest to passes after it."""
+        floor = None if ctx.min_agreement is None else 1.0 - (1.0 - ctx.min_agreement) * share
+        m = cls(model, ctx.evaluation, 1.0 - (1.0 - (ctx.min_cosine or 0.99)) * share, ctx.reference, ctx.argmax,
+                floor)
         ctx.reference = m.reference
         return m
 
@@ -70,9 +76,19 @@ class Measure:
 
     def score(self, model: Model) -> float:
         """The worst output's mean cosine, or argmax agreement where lower (the outputs in `argmax`:
-        `verify.argmax_axes`); -1 when an output has new NaN or Inf."""
-        metrics = verification.compare_samples(self.reference, self.run(model), "lossy", self.budget, self.argmax)
-        return min(-1.0 if m.note else min(m.cosine, 1.0 if m.agreement is None else m.agreement) for m in metrics)
+        `verify.argmax_axes`); -1 when an output has new NaN or Inf. With `min_agreement`, the
+        plain agreement counts instead, as the budget less its shortfall under that floor: the
+        score is inside the budget exactly when both the cosine and the agreement are."""
+        metrics = verification.compare_samples(self.reference, self.run(model), "lossy", self.budget, self.argmax,
+                                               self.min_agreement)
+        return min(-1.0 if m.note else min(m.cosine, self._agreement_score(m)) for m in metrics)
+
+    def _agreement_score(self, m) -> float:
+        if m.agreement is None:
+            return 1.0
+        if self.min_agreement is None:
+            return m.agreement
+        return self.budget + m.plain_agreement - self.min_agreement
 
 
 LATENCY_ROUNDS = 10  # interleaved runs of each model in latency_ratio

@@ -113,6 +113,11 @@ def test_cli_quant_flags(cli, tmp_path):
     assert os.path.getsize(out) < os.path.getsize(src)
     ran = cli(src, "-o", tmp_path / "o2.onnx", "--passes", "quant", "--quant", "fp16", "--min-cosine", "2")
     assert ran.code == 2 and "bad --min-cosine 2.0" in ran.err
+    ran = cli(src, "-o", tmp_path / "o3.onnx", "--passes", "quant", "--quant", "fp16", "--min-agreement", "2")
+    assert ran.code == 2 and "bad --min-agreement 2.0" in ran.err and not (tmp_path / "o3.onnx").exists()
+    # a model without a Softmax output: the floor binds nothing, and the run says so
+    ran = cli(src, "-o", tmp_path / "o4.onnx", "--passes", "quant", "--quant", "fp16", "--min-agreement", "0.99", "-v")
+    assert ran.code == 0 and "--min-agreement: no output is computed by a Softmax or LogSoftmax" in ran.out + ran.err
 
 
 def test_mixed_is_fp16_where_the_budget_holds():

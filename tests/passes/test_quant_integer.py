@@ -260,14 +260,42 @@ def test_argmax_agreement_of_a_softmax_output_is_part_of_the_budget():
     assert (metrics["agreement"], metrics["positions"], metrics["samples"]) == (1.0, 64, 4)
     assert "quant: kept in float for the budget (cosine or argmax agreement (the lower) >= 0.99): head" in kept.explain
     with pytest.raises(onnxopt.VerificationError,
-                       match=r"missed the error budget \(cosine and argmax agreement >= 0.99\): "
-                             r"'y' cosine 0\.99\d+, argmax agreement 0\.\d+;"):
+                       match=r"missed the error budget \(cosine and argmax agreement >= 0.99\): 'y' cosine "
+                             r"0\.99\d+, argmax agreement 0\.\d+ \(0\.\d+ with the original's close calls aside\);"):
         onnxopt.optimize(model, **kw, options=["quant.smooth=false", "quant.fallback=false"])
     written = onnxopt.optimize(model, **kw, options=["quant.smooth=false", "quant.fallback=false"],
                                write_over_budget=True)
     assert ops(written.model) == ["DynamicQuantizeMatMul", "Softmax", "Identity"]
     (metrics,) = written.verification["outputs"]
     assert metrics["cosine"] > 0.99 and metrics["agreement"] < 0.95 and not metrics["ok"]
+
+
+def test_min_agreement_counts_every_changed_argmax():
+    """int8 changes the class of 26 of the 64 held-back rows of flipping_classifier, 8 of them by
+    more than a close call: a budget of 0.85 takes it by default (56 of 64 with the close calls
+    aside); --min-agreement 0.85 counts all 26 and keeps the head in float."""
+    model, samples = flipping_classifier()
+    kw = dict(passes=["quant"], quant="dynamic", target="ort", calibration_data=samples, min_cosine=0.85,
+              options=["quant.smooth=false"])
+    loose = onnxopt.optimize(model, **kw)
+    assert ops(loose.model) == ["DynamicQuantizeMatMul", "Softmax", "Identity"]
+    (metrics,) = loose.verification["outputs"]
+    assert (metrics["agreement"], metrics["plain_agreement"], metrics["positions"]) == (56 / 64, 38 / 64, 64)
+    assert metrics["ok"]
+    strict = onnxopt.optimize(model, **kw, min_agreement=0.85)
+    assert strict.passes[0].counts == {"kept_float_for_budget": 1}
+    assert ops(strict.model) == ["MatMul", "Softmax", "Identity"]
+    (metrics,) = strict.verification["outputs"]
+    assert (metrics["agreement"], metrics["plain_agreement"], metrics["ok"]) == (1.0, 1.0, True)
+    assert any(line.startswith("quant: kept in float for the budget (cosine or argmax agreement (the lower; the "
+                               "agreement shifted by the budget less --min-agreement) >= 0.85): head")
+               for line in strict.explain)
+    with pytest.raises(onnxopt.VerificationError,
+                       match=r"missed the error budget \(cosine >= 0.85, argmax agreement >= 0.85\): 'y' cosine "
+                             r"0\.99\d+, argmax agreement 0\.5938 \(0\.8750 with the original's close calls aside\)"):
+        onnxopt.optimize(model, **kw | {"options": ["quant.smooth=false", "quant.fallback=false"]}, min_agreement=0.85)
+    with pytest.raises(onnxopt.UsageError, match=r"bad --min-agreement 0.0: expected a number in \(0, 1\]"):
+        onnxopt.optimize(model, **kw, min_agreement=0.0)
 
 
 
