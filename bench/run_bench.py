@@ -330,6 +330,41 @@ def environment(argv):
             "versions": versions, "nproc": os.cpu_count(), "cpu": cpu, "platform": platform.platform()}
 
 
+def kept_rows(json_path, rerun):
+    """For --keep-others: the committed rows of the models not in `rerun`, and where they come
+    from (the earlier runs the old table names for them, else the run that wrote it)."""
+    if not Path(json_path).exists():
+        return [], None
+    old = json.loads(Path(json_path).read_text())
+    kept = [r for r in old["rows"] if r["model"] not in rerun]
+    models = {r["model"] for r in kept}
+    earlier = old.get("kept_from") or []
+    earlier = [earlier] if isinstance(earlier, dict) else earlier
+    sources, named = [], set()
+    for source in earlier:
+        mine = sorted(models & set(source["models"]))
+        named |= set(mine)
+        if mine:
+            sources.append({"models": mine, "date": source["date"], "command": source["command"],
+                            "machine": source.get("machine")})
+    rest = sorted(models - named)
+    if rest:
+        env = old["environment"]
+        sources.append({"models": rest, "date": env["date"], "command": env.get("command"),
+                        "machine": env.get("cpu")})
+    return kept, sources or None
+
+
+def provenance_lines(kept_from):
+    """The header lines naming the earlier runs that kept rows come from."""
+    lines = []
+    for source in kept_from or []:
+        on = f", on {source['machine']}" if source.get("machine") else ", machine not recorded"
+        lines.append(f"- the rows of {', '.join(source['models'])} come from an earlier run: "
+                     f"{source['date']}, `{source['command']}`{on}")
+    return lines
+
+
 def fmt(v, spec):
     return "" if v is None else format(v, spec)
 

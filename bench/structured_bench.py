@@ -171,41 +171,17 @@ def main():
         rows[i]["latency"] = round(rb.latency(src, out, feeds, args.rounds, args.warmup)[0], 3)
         print(rows[i]["run"], rows[i]["latency"], flush=True)
     kept_from = None
-    if args.keep_others and (BENCH / "structured.json").exists():  # the rows of models not rerun now
-        old = json.loads((BENCH / "structured.json").read_text())
-        kept = [r for r in old["rows"] if r["model"] not in wanted]
+    if args.keep_others:  # the rows of models not rerun now
+        kept, kept_from = rb.kept_rows(BENCH / "structured.json", wanted)
         rows = kept + rows
-        kept_from = provenance(old, {r["model"] for r in kept})
     write(rows, args, kept_from)
-
-
-def provenance(old: dict, models: set) -> list[dict]:
-    """Where the kept rows of `models` come from: the earlier runs the old table names for them,
-    else the run that wrote it."""
-    earlier = old.get("kept_from") or []
-    earlier = [earlier] if isinstance(earlier, dict) else earlier
-    out, named = [], set()
-    for source in earlier:
-        mine = sorted(models & set(source["models"]))
-        named |= set(mine)
-        if mine:
-            out.append({"models": mine, "date": source["date"], "command": source["command"],
-                        "machine": source.get("machine")})
-    rest = sorted(models - named)
-    if rest:
-        env = old["environment"]
-        out.append({"models": rest, "date": env["date"], "command": env["command"], "machine": env.get("cpu")})
-    return out
 
 
 def write(rows, args, kept_from=None):
     env = rb.environment(sys.argv)
     lines = ["# Structured pruning: onnxopt --prune structured against onnxsim's apply_structured_pruning", "",
              f"- date: {env['date']}", f"- command: `{env['command']}`"]
-    for source in kept_from or []:
-        on = f", on {source['machine']}" if source.get("machine") else ", machine not recorded"
-        lines.append(f"- the rows of {', '.join(source['models'])} come from an earlier run: "
-                     f"{source['date']}, `{source['command']}`{on}")
+    lines += rb.provenance_lines(kept_from)
     lines += [
              f"- machine: {env['cpu']}, nproc={env['nproc']}; Python {env['python']}; "
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
