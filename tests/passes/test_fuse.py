@@ -43,6 +43,23 @@ def test_gelu_onnx_refused_below_opset20():
     model = gelu_model(17)
     out, result = fuse(model)
     assert ops(out) == ops(model) and result.passes[0].counts == {}
+    assert runtime_ops(model) == ["Gelu"]  # the form onnxruntime fuses itself
+
+
+@pytest.mark.parametrize("form", ["dynamo", "scaled"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gelu_below_opset20_into_the_form_onnxruntime_fuses(form, bias):
+    model = gelu_model(17, form, bias=bias)
+    assert "Erf" in runtime_ops(model)  # onnxruntime leaves these associations unfused
+    out, result = fuse(model)
+    pre = ["Add"] if bias else ["Identity"]
+    assert ops(out) == pre + ["Div", "Erf", "Add", "Mul", "Mul"] and result.passes[0].counts == {"gelu_erf_form": 1}
+    assert runtime_ops(out) == (["BiasGelu"] if bias else ["Gelu"])
+    again, result = fuse(out)  # idempotent: its own form is left alone
+    assert ops(again) == ops(out) and result.passes[0].counts == {}
+    # where Gelu can be written, or for ort, the gelu rule takes it
+    assert fuse(gelu_model(20, form, bias=bias))[1].passes[0].counts == {"gelu": 1}
+    assert "gelu_erf_form" not in fuse(gelu_model(17, form, bias=bias), target="ort")[1].passes[0].counts
 
 
 @pytest.mark.parametrize("form", ["legacy", "dynamo"])

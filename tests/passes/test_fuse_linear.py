@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnxopt
-from models.builders import from_text, ops, optimize_checked, random_feeds
+from models.builders import from_text, ops, optimize_checked, random_feeds, runtime_ops
 
 
 def header(opset: int = 17) -> str:
@@ -322,6 +322,44 @@ def test_scale_not_folded(body, extra, reason):
 
 def test_scale_not_folded_when_the_product_is_used_elsewhere():
     unchanged(scale_model("h = MatMul(x, W)\n y = Mul(h, k)", y="float[2,3,5] y, float[2,3,5] h"))
+
+
+GELU_FFN = {
+    "erf": "q = Div(h, s2)\n e = Erf(q)\n p = Add(e, one)\n r = Mul(h, p)",
+    "tanh": "h3 = Pow(h, three)\n t0 = Mul(c, h3)\n t1 = Add(h, t0)\n t2 = Mul(k2, t1)\n e = Tanh(t2)\n"
+            " p = Add(e, one)\n r = Mul(h, p)",
+}
+
+
+def gelu_ffn(form: str, opset: int = 17) -> onnx.ModelProto:
+    """x @ W1 + b, a GELU as torch's legacy exporter writes it ((h * (1 + f(h))) * 0.5), then @ W2;
+    or with `form` another body that computes r from h."""
+    return from_text(f"""
+        {header(opset)}
+        g (float[2,3,4] x) => (float[2,3,4] y)
+        <float[4,5] W = {{{vals(20)}}}, float[5,4] WT = {{{vals(20, 1)}}}, float[5] c5 = {{0.1, 0.2, -0.3, 0.4, 0.5}},
+         float s2 = {{1.4142135}}, float one = {{1.0}}, float half = {{0.5}}, float three = {{3.0}},
+         float c = {{0.044715}}, float k2 = {{0.7978846}}> {{
+            h0 = MatMul(x, W)
+            h = Add(h0, c5)
+            {GELU_FFN.get(form, form)}
+            g = Mul(r, half)
+            y = MatMul(g, WT)
+        }}""")
+
+
+@pytest.mark.parametrize("form", ["erf", "tanh"])
+def test_scale_not_folded_out_of_a_gelu_the_runtime_fuses(form):
+    """Below opset 20 fuse cannot write Gelu; folding the GELU's 0.5 into the next MatMul would
+    leave elementwise ops that onnxruntime no longer fuses into its Gelu / FastGelu."""
+    model = gelu_ffn(form)
+    explain = unchanged(model)
+    assert any("the 0.5 of a GELU the runtime fuses itself" in line for line in explain), explain
+    if form == "erf":  # onnxruntime's own fusion (it does not match this tanh form)
+        assert "Gelu" in runtime_ops(model) and "Erf" not in runtime_ops(model)
+    # the same chain without the GELU around it still folds
+    out, result = fuse(gelu_ffn("r = Mul(h, h)"))
+    assert result.passes[0].counts == {"scale_into_matmul": 1} and ops(out) == ["MatMul", "Add", "Mul", "MatMul"]
 
 
 def test_scale_not_folded_for_integers():
