@@ -52,7 +52,7 @@ class Env:
         """A small constant: one the graph already has with the same values, or a new one
         (shared by the rewrites of this sweep, so a rule repeated over many layers adds one
         tensor, and a later cleanup finds nothing to merge)."""
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # (ascontiguousarray would make a scalar 1-D)
         if array.size > 64:
             return gs.Constant(self.names.new(base), array)
         if "constants" not in self.cache:

@@ -90,14 +90,13 @@ def _gelu_form_check(m, env):
 
 def _gelu_form(m, env, outputs):
     """(x * (1 + erf(x / sqrt(2)))) * 0.5 with the matched constants' type."""
-    x = m["x"]
-    dtype = m["half"].dtype
+    x, half = m["x"], m["half"]
 
-    def const(name, value):
-        return gs.Constant(env.names.new(name), np.array(value, dtype=dtype))
+    def const(name, value):  # in the matched constants' type and shape, shared with the graph's own
+        return env.constant(name, np.full(half.shape, value, dtype=half.dtype))
 
     def var(name):
-        return gs.Variable(env.names.new(name), dtype=x.dtype, shape=x.shape)
+        return gs.Variable(env.names.new(name), dtype=x.dtype)
 
     q, e, p, r = var("gelu_scaled"), var("gelu_erf"), var("gelu_one_plus"), var("gelu_product")
     return [gs.Node("Div", env.names.new("Div"), inputs=[x, const("sqrt2", math.sqrt(2.0))], outputs=[q]),

@@ -62,6 +62,26 @@ def test_gelu_below_opset20_into_the_form_onnxruntime_fuses(form, bias):
     assert "gelu_erf_form" not in fuse(gelu_model(17, form, bias=bias), target="ort")[1].passes[0].counts
 
 
+def test_gelu_erf_form_of_a_scalar_keeps_its_rank():
+    """Found by fuzzing: the rewrite's new constant 1.4142135 came out 1-D, and a rank-0 GELU's
+    output rank 1 (shape inference failed); the matched constants are reused as they are."""
+    model = from_text(f"""
+        {header(13)}
+        g (float[1] a) => (float y) <int64[1] k = {{0}}, float si = {{0.70710677}}, float one = {{1.0}},
+                                     float half = {{0.5}}> {{
+            x = Squeeze(a, k)
+            q = Mul(x, si)
+            e = Erf(q)
+            p = Add(e, one)
+            r = Mul(x, p)
+            y = Mul(r, half)
+        }}""")
+    out, result = fuse(model)
+    assert result.passes[0].counts == {"gelu_erf_form": 1}
+    onnx.checker.check_model(out, full_check=True)
+    assert {i.name: list(i.dims) for i in out.graph.initializer} == {"k": [1], "sqrt2": [], "one": [], "half": []}
+
+
 @pytest.mark.parametrize("form", ["legacy", "dynamo"])
 def test_gelu_ort(form):
     out, result = fuse(gelu_model(17, form), target="ort")
