@@ -73,7 +73,6 @@ def run(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
         return run_model(save(model, tmp), feeds)
 
 
-
 def runtime_ops(model: onnx.ModelProto | str | os.PathLike) -> list[str]:
     """The op sequence of onnxruntime's own optimized graph of a model (CPU, all its fusions on)."""
     import onnxruntime as ort
@@ -85,6 +84,7 @@ def runtime_ops(model: onnx.ModelProto | str | os.PathLike) -> list[str]:
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
         ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         return ops(onnx.load(options.optimized_model_filepath))
+
 
 def optimize_checked(model: onnx.ModelProto, passes, feeds: dict | None = None, exact: bool = False, **kwargs):
     """Optimize a ModelProto, then assert: onnx.checker passes, onnxruntime loads the result, and its

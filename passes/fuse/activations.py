@@ -26,7 +26,7 @@ Every scalar constant must leave the input's shape alone (no broadcast to a high
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -75,7 +75,13 @@ def ends_gelu(node: gs.Node) -> bool:
     is, onnxruntime (and TensorRT) fuse it themselves where fuse cannot write Gelu (below opset 20)."""
     if node.op != "Mul":
         return False
-    return any(match_node(p, node) is not None for p in (*_gelu_patterns(), *_gelu_tanh_patterns()))
+    return any(match_node(p, node) is not None for p in _gelu_ends())
+
+
+@cache
+def _gelu_ends() -> tuple:
+    """The erf and tanh GELU patterns, built once (ends_gelu runs for every scale a MatMul reads)."""
+    return (*_gelu_patterns(), *_gelu_tanh_patterns())
 
 
 def _gelu_check(m, env):
