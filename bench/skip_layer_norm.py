@@ -64,6 +64,35 @@ def interleaved(sessions: dict, feeds, rounds: int) -> dict:
     return times
 
 
+def minilm_rows(args, work: Path, flags: list[str], variants: dict[str, list[str]]) -> list[dict]:
+    """For each MiniLM export: the float model and `--passes fold,cleanup,fuse` with `flags` plus
+    each variant's own, timed in interleaved rounds at the latency input; a row each with the
+    median time, the median ratio to the float model and the largest output difference from it."""
+    work.mkdir(parents=True, exist_ok=True)
+    feeds = rb.latency_feeds(dict(np.load(args.shared_models / "sample_inputs.npz")))
+    rows = []
+    for export, opset in (("legacy", 17), ("dynamo", 18)):
+        src = args.shared_models / f"all-MiniLM-L6-v2_{export}_op{opset}.onnx"
+        made = {"float model": str(src)}
+        for i, (label, extra) in enumerate(variants.items()):
+            out = work / f"{export}.{i}.onnx"
+            subprocess.run(args.onnxopt_cmd.split() + [str(src), "-o", str(out), "-q", "--passes", "fold,cleanup,fuse"]
+                           + flags + extra, check=True)
+            made[label] = str(out)
+        sessions = {k: session(p) for k, p in made.items()}
+        wanted = {i.name for i in sessions["float model"].get_inputs()}
+        f = {k: v for k, v in feeds.items() if k in wanted}
+        times = interleaved(sessions, f, args.rounds)
+        base, want = times["float model"], sessions["float model"].run(None, f)
+        for k, t in times.items():
+            got = sessions[k].run(None, f)
+            rows.append({"model": f"MiniLM {export}", "form": k, "ms": statistics.median(t) * 1e3,
+                         "vs_float": statistics.median(a / b for a, b in zip(t, base)),
+                         "max_abs": max(float(np.abs(a - b).max()) for a, b in zip(got, want))})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=40)
@@ -83,27 +112,9 @@ def main():
         for k, t in times.items():
             kernels.append({"shape": shape, "form": k, "us": statistics.median(t) * 1e6})
             print(kernels[-1], flush=True)
-    work = args.cache / "skip_layer_norm"
-    work.mkdir(parents=True, exist_ok=True)
-    feeds = rb.latency_feeds(dict(np.load(args.shared_models / "sample_inputs.npz")))
-    models = []
-    for export, opset in (("legacy", 17), ("dynamo", 18)):
-        src = args.shared_models / f"all-MiniLM-L6-v2_{export}_op{opset}.onnx"
-        made = {"float model": str(src)}
-        for label, extra in (("fuse, Sum", []), ("fuse, Add (fuse.disable=skip_add_as_sum)",
-                                                   ["--opt", "fuse.disable=skip_add_as_sum"])):
-            out = work / f"{export}.{'add' if extra else 'sum'}.onnx"
-            subprocess.run(args.onnxopt_cmd.split() + [str(src), "-o", str(out), "-q", "--passes", "fold,cleanup,fuse",
-                                                       "--target", "ort"] + extra, check=True)
-            made[label] = str(out)
-        sessions = {k: session(p) for k, p in made.items()}
-        wanted = {i.name for i in sessions["float model"].get_inputs()}
-        times = interleaved(sessions, {k: v for k, v in feeds.items() if k in wanted}, args.rounds)
-        base = times["float model"]
-        for k, t in times.items():
-            models.append({"model": f"MiniLM {export}", "form": k, "ms": statistics.median(t) * 1e3,
-                           "vs_float": statistics.median(a / b for a, b in zip(t, base))})
-            print(models[-1], flush=True)
+    models = minilm_rows(args, args.cache / "skip_layer_norm", ["--target", "ort"],
+                         {"fuse, Sum": [], "fuse, Add (fuse.disable=skip_add_as_sum)":
+                          ["--opt", "fuse.disable=skip_add_as_sum"]})
     env = rb.environment(sys.argv)
     lines = ["# SkipLayerNormalization against Add + LayerNormalization in onnxruntime", "",
              f"- date: {env['date']}", f"- command: `python bench/skip_layer_norm.py {' '.join(sys.argv[1:])}`",

@@ -7,9 +7,10 @@ budgets, calibrated on docstring sentences (bench/text_data.py; onnxopt holds ba
 its budget check), prune + `--quant dynamic` with --min-cosine 0.96 (beside dynamic INT8 alone,
 and onnxruntime's quantize_dynamic on the 0.95-pruned model, the issue's reference), the same
 with `--max-opset 23` (fuse writes the standard Attention of opset 23, which onnxruntime runs
-faster than its MultiHeadAttention or the unfused score path when there is a mask). onnxsim's
-apply_structured_pruning runs on onnxopt's fused graph at opset 20 (its Gelu op is the pattern
-onnxsim's chain matcher needs: on the exported erf GELU it changes nothing). Fidelity: the
+faster than its MultiHeadAttention or the unfused score path when there is a mask, and hides the
+padded keys: masked_keys). onnxsim's apply_structured_pruning runs on onnxopt's fused graph at
+opset 20 (its Gelu op is the pattern onnxsim's chain matcher needs: on the exported erf GELU it
+changes nothing). Fidelity: the
 sentence embedding's cosine against the float model on separate evaluation sentences.
 
 PP-OCRv4 recognizer: `--sparsity S` for a sweep, calibrated on rendered lines, against onnxsim

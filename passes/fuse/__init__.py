@@ -27,6 +27,7 @@ from .activations import RULES as ACTIVATION_RULES
 from .attention import RULES as ATTENTION_RULES
 from .conv import RULES as CONV_RULES
 from .linear import RULES as LINEAR_RULES
+from .masked_keys import hide_masked_keys
 from .norms import RULES as NORM_RULES, residual_sums
 from .runtime import kernel_refusal
 
@@ -92,7 +93,7 @@ class FusePass(Pass):
 
     def run(self, model, ctx):
         off = {n.strip() for n in self.options.disable.split(",") if n.strip()}
-        known = {r.name for r in RULES} | {"skip_add_as_sum"}
+        known = {r.name for r in RULES} | {"skip_add_as_sum", "masked_keys"}
         unknown = off - known
         if unknown:
             raise UsageError(f"fuse.disable: unknown rule(s) {', '.join(sorted(unknown))}; "
@@ -117,6 +118,10 @@ class FusePass(Pass):
             self._sweep(model.graph, rules, ctx, counts, misses, probed)
         if "skip_add_as_sum" not in off:
             counts["skip_add_as_sum"] = sum(residual_sums(g) for g in all_graphs(model.graph))
+        if "masked_keys" not in off:
+            names, opset = Names(model.graph), int(model.graph.opset or 0)
+            counts["masked_keys"] = sum(hide_masked_keys(Env(g, ctx.target, opset, names))
+                                        for g in all_graphs(model.graph))
         # two spellings of one computation fuse into identical nodes: keep one (else cleanup's CSE
         # would only find them in a second run)
         new = {id(n) for g in all_graphs(model.graph) for n in g.nodes} - before

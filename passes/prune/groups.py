@@ -11,7 +11,8 @@ channels). Attention heads are matched as a whole: the Q, K and V projections, t
 constants that spell the head count, the score path (only scalars and masks that broadcast
 over heads), the merge Reshape and the output projection; or onnxruntime's fused Attention
 (its packed QKV weight, bias and num_heads), or the standard Attention of opset 23 (its Q, K
-and V projections, q_num_heads and kv_num_heads). Anything the walk cannot prove safe (a Shape, a
+and V projections, past the per-position factor fuse's masked_keys puts on K, q_num_heads and
+kv_num_heads). Anything the walk cannot prove safe (a Shape, a
 Reshape, a Concat, a graph output, a LayerNormalization over the units...) leaves the whole
 group alone, with the reason.
 """
@@ -382,7 +383,13 @@ def _standard_attention(f: Finder, node: gs.Node) -> Group | str | None:
         return f"{label}: past state or extra outputs: heads left alone"
     if len(ins) > 3 and ins[3].name and not _broadcasts_over_heads(ins[3]):
         return f"{label}: its mask may vary per head: heads left alone"
-    lins = [_linear_with_bias(f, x) if f.single(x) is node else None for x in ins[:3]]
+    lins, scaled = [], []
+    for x in ins[:3]:
+        above = _row_factor(f, x, node)  # fuse's masked_keys writes K times a [B, L, 1] factor
+        if above is not x:
+            scaled.append(x.name)
+        reader = node if above is x else producer(x)
+        lins.append(_linear_with_bias(f, above) if f.single(above) is reader else None)
     if any(lin is None for lin in lins):
         return f"{label}: Q, K or V is not a MatMul with a constant weight read by it alone: heads left alone"
     width = lins[0][0].inputs[1].shape[1]
@@ -395,8 +402,20 @@ def _standard_attention(f: Finder, node: gs.Node) -> Group | str | None:
     g = Group(label=label, kind="heads", units=heads, width=width // heads, reads=node.outputs[0].name)
     _cut_projections(g, lins, idx)
     g.attrs += [(idx(node), "q_num_heads"), (idx(node), "kv_num_heads")]
-    g.tensors.append(node.outputs[0].name)
+    g.tensors += scaled + [node.outputs[0].name]
     return _read_by(f, g, consumer, node)
+
+
+def _row_factor(f: Finder, t: gs.Tensor, reader: gs.Node) -> gs.Tensor:
+    """The tensor above a Mul by a factor per position ([.., L, 1], same for every column) that
+    only `reader` reads: the columns, and so the heads, pass through it unchanged. Else t."""
+    mul = producer(t)
+    if mul is None or mul.op != "Mul" or mul.domain not in STANDARD_DOMAINS or f.single(t) is not reader:
+        return t
+    x, factor = mul.inputs
+    if factor.shape is None or len(factor.shape) != 3 or factor.shape[-1] != 1 or is_constant(x):
+        return t
+    return x
 
 
 def _output_projection(f: Finder, node: gs.Node) -> gs.Node | None:

@@ -7,7 +7,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxopt
-from models.builders import op_counts, ops, optimize_checked
+from models.builders import op_counts, ops, optimize_checked, run
 
 B, S, H, N = 2, 4, 8, 2
 L = 5  # key length of the cross-attention models
@@ -173,8 +173,8 @@ def test_attention_onnx_opset23(cross, bias):
     mask_shape = (B, 1, S, L if cross else S)
     model = attention_model(mask_shape, opset=23, bias=bias, cross=cross)
     out, result = optimize_checked(model, ["fuse"], feeds=feeds(mask_shape, cross), target="onnx")
-    assert result.passes[0].counts == {"attention_onnx": 1}
-    assert op_counts(out) == {"MatMul": 3, "Attention": 1, **({"Add": 3} if bias else {})}
+    assert result.passes[0].counts == {"attention_onnx": 1, "masked_keys": 1}
+    assert op_counts(out) == {"MatMul": 3, "Attention": 1, **({"Add": 3} if bias else {}), **MASKED_KEYS_OPS}
     node = next(n for n in out.graph.node if n.op_type == "Attention")
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert node.domain == "" and attrs["q_num_heads"] == attrs["kv_num_heads"] == N
@@ -184,7 +184,7 @@ def test_attention_onnx_opset23(cross, bias):
 def test_attention_onnx_raises_the_opset_when_allowed():
     model = attention_model(opset=17)
     out, result = optimize_checked(model, ["fuse"], feeds=feeds(), target="onnx", max_opset=23)
-    assert result.passes[0].counts == {"attention_onnx": 1, "opset_raised_17_to_23": 1}
+    assert result.passes[0].counts == {"attention_onnx": 1, "opset_raised_17_to_23": 1, "masked_keys": 1}
     assert next(o.version for o in out.opset_import if o.domain == "") == 23
     again = onnxopt.optimize(out, passes=["fuse"], target="onnx", verify="none")
     assert again.passes[0].counts == {}
@@ -261,3 +261,73 @@ def test_packed_qkv_attention_with_swapped_slices_is_not_fused():
     out, result = optimize_checked(model, ["fuse"], feeds=x, target="ort", explain=True)
     assert "Attention" not in op_counts(out)
     assert any("not the three slices of the packed heads" in line for line in result.explain), result.explain
+
+
+# masked_keys: the keys each query's mask hides get K rows of 0 and the mask -40 (passes/fuse/masked_keys.py)
+MASKED_KEYS_OPS = {"ReduceMax": 2, "Greater": 1, "LessOrEqual": 1, "Or": 1, "Cast": 1, "Reshape": 1, "Where": 1,
+                   "Mul": 1}
+LOWEST = np.finfo(np.float32).min
+
+
+def masked_feeds(kind, value=LOWEST):
+    """feeds() with a [B, 1, S, S] mask: padding (the last key of sample 0, the last two of sample
+    1, at `value`), causal (a key hidden from the queries before it), all (sample 1 hides every
+    key), or none (nothing hidden)."""
+    f = feeds()
+    mask = np.zeros((B, 1, S, S), np.float32)
+    if kind == "padding":
+        mask[0, ..., -1] = mask[1, ..., -2:] = value
+    elif kind == "causal":
+        mask[..., np.triu_indices(S, 1)[0], np.triu_indices(S, 1)[1]] = value
+    elif kind == "all":
+        mask[0, ..., -1] = mask[1] = value
+    f["mask"] = mask
+    return f
+
+
+@pytest.mark.parametrize("kind", ["padding", "causal", "none"])
+@pytest.mark.parametrize("value", [LOWEST, -10000.0])
+def test_masked_keys_keep_the_outputs(kind, value):
+    model = attention_model(opset=23)
+    out, result = optimize_checked(model, ["fuse"], feeds=masked_feeds(kind, value), target="onnx")
+    assert result.passes[0].counts == {"attention_onnx": 1, "masked_keys": 1}
+    att = next(n for n in out.graph.node if n.op_type == "Attention")
+    where = next(n for n in out.graph.node if n.op_type == "Where")
+    mul = next(n for n in out.graph.node if n.op_type == "Mul")
+    assert att.input[3] == where.output[0] and att.input[1] == mul.output[0]
+    floor = next(i for i in out.graph.initializer if i.name == where.input[2])
+    assert numpy_helper.to_array(floor) == np.float32(-40.0)
+
+
+def test_masked_keys_leave_a_sample_that_hides_every_key_as_it_was():
+    """The Attention kernel alone decides what such a sample gives; the rewrite changes nothing."""
+    model = attention_model(opset=23)
+    on = onnxopt.optimize(model, passes=["fuse"], target="onnx", verify="none").model
+    off = onnxopt.optimize(model, passes=["fuse"], target="onnx", verify="none",
+                           options=["fuse.disable=masked_keys"]).model
+    assert op_counts(off) == {"MatMul": 3, "Add": 3, "Attention": 1}
+    for value in (LOWEST, -10000.0):
+        f = masked_feeds("all", value)
+        got, want = run(on, f)["y"], run(off, f)["y"]
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], run(model, f)["y"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_masked_keys_are_idempotent():
+    out = onnxopt.optimize(attention_model(opset=23), passes=["fuse"], target="onnx", verify="none").model
+    again = onnxopt.optimize(out, passes=["fuse"], target="onnx", verify="none")
+    assert again.passes[0].counts == {}
+
+
+def test_masked_keys_not_applied_to_a_mask_per_head_or_one_that_hides_nothing():
+    per_head = attention_model((B, N, S, S), opset=23)
+    result = onnxopt.optimize(per_head, passes=["fuse"], target="onnx", verify="none")
+    assert result.passes[0].counts == {"attention_onnx": 1}
+    constant = attention_model(None, opset=23)  # a constant mask that hides nothing
+    graph = constant.graph
+    graph.initializer.append(numpy_helper.from_array(np.full((1, 1, S, S), -1.0, np.float32), "mask"))
+    softmax = next(n for n in graph.node if n.op_type == "Softmax")
+    graph.node.insert(list(graph.node).index(softmax), helper.make_node("Add", ["scaled", "mask"], ["masked"]))
+    softmax.input[0] = "masked"
+    result = onnxopt.optimize(constant, passes=["fuse"], target="onnx", verify="none")
+    assert result.passes[0].counts == {"attention_onnx": 1}

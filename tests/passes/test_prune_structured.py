@@ -610,11 +610,19 @@ def standard_attention(heads=4, dh=4, mask_heads=1):
     return proto
 
 
-def test_standard_attention_loses_heads_in_q_k_v_and_both_head_counts():
+@pytest.mark.parametrize("masked_keys", [False, True])
+def test_standard_attention_loses_heads_in_q_k_v_and_both_head_counts(masked_keys):
+    """masked_keys: after fuse, which multiplies K by a [B, L, 1] factor: the heads are pruned through it."""
     proto = standard_attention()
-    out = pruned(proto, {0: [0, 2]})
+    model = proto
+    if masked_keys:
+        fused = onnxopt.optimize(proto, passes=["fuse"], target="onnx", verify="none")
+        assert fused.passes[0].counts == {"masked_keys": 1}
+        model = fused.model
+    out = pruned(model, {0: [0, 2]})
     got = inits(out)
-    assert got["wq"].shape == (16, 8) and got["bv"].shape == (8,) and got["wo"].shape == (8, 8)
+    assert got["wq"].shape == got["wk"].shape == (16, 8) and got["bk"].shape == got["bv"].shape == (8,)
+    assert got["wo"].shape == (8, 8)
     att = [n for n in out.graph.node if n.op_type == "Attention"][0]
     assert {a.name: onnx.helper.get_attribute_value(a) for a in att.attribute} == {"q_num_heads": 2, "kv_num_heads": 2}
     wo = inits(proto)["wo"].copy()
