@@ -39,6 +39,11 @@ def save(model: onnx.ModelProto, folder: str, name: str = "model.onnx") -> str:
     return path
 
 
+# the nodes fuse's masked_keys adds for one mask and one attention node (passes/fuse/masked_keys.py)
+MASKED_KEYS_OPS = {"ReduceMax": 2, "Greater": 1, "LessOrEqual": 1, "Or": 1, "Cast": 1, "Reshape": 1, "Where": 1,
+                   "Mul": 1}
+
+
 def op_counts(model: onnx.ModelProto) -> Counter:
     """Op types of the main graph's nodes."""
     return Counter(n.op_type for n in model.graph.node)

@@ -1,13 +1,14 @@
-"""masked_keys (after the rules; both targets): a standard Attention (opset 23) whose additive
-mask hides some keys from every query gets those keys' rows of K zeroed and their mask entries
-set to FLOOR, so each hidden key's logit is exactly FLOOR instead of the original -3.4e38 (or
--10000).
+"""masked_keys (after the rules; both targets): a standard Attention (opset 23), or onnxruntime's
+MultiHeadAttention (the quant pass applies it to those it writes), whose additive mask hides some
+keys from every query gets those keys' rows of K zeroed and their mask entries set to FLOOR, so
+each hidden key's logit is exactly FLOOR instead of the original -3.4e38 (or -10000).
 
 Why: onnxruntime's softmax takes a slow path for exp of a large negative number (the result
 underflows through denormals): in 1.32 on CPU, a padding mask of float32's lowest value makes
 the Attention kernel 1.8x slower than the same mask at 0 (12 heads, 128 tokens, the last quarter
 padding: 619 us against 337 us, bench/masked_keys.md), and logits 87-104 below the row's largest
-cost several times more still. A logit of FLOOR stays in the fast range for any row whose largest logit is under 47.
+cost several times more still. A logit of FLOOR stays in the fast range for any row whose
+largest logit is under 47.
 
 Exactness: a hidden key's weight was exactly 0 (exp underflows); now it is exp(FLOOR - m), m the
 row's largest visible logit, which float32 rounds away beside the visible keys' sum (at least 1)
@@ -18,13 +19,16 @@ a causal mask is unchanged (every key but the last is seen); a sample none of wh
 Hidden: every entry of the key's column of the mask is at most HIDDEN (-10000: exp of it
 underflows to 0 against any logit within 9900 of the row's largest). The mask must broadcast
 over the heads ([B or 1, 1, S, L], or [S, L]) and K must be a 3-D [B, L, hidden] input; the
-Attention must have no past state, softcap or is_causal.
+Attention must have no past state, softcap or is_causal, the MultiHeadAttention no bias input
+(it would add to the zeroed rows), key_padding_mask or past state.
 
 Rewritten so, the kernel takes 335 us. MiniLM at 128 tokens, the last quarter padding, `--passes
 fold,cleanup,fuse --max-opset 23` against the float model: legacy 0.977x without it, 0.921x with
 it; dynamo 0.857x and 0.815x (bench/masked_keys.md); outputs within 2e-6 of the original's on 30
-padded and 10 unpadded sentences. Pruned and dynamic INT8 (bench/structured_opset23.md): legacy
-0.351x to 0.304x, dynamo 0.322x to 0.280x.
+padded and 10 unpadded sentences. Structured + dynamic INT8 at --min-cosine 0.96
+(bench/structured_attention.md): `--max-opset 23` legacy 0.351x to 0.313x, dynamo 0.322x to
+0.275x; `--target ort` (quant's MultiHeadAttention) legacy 0.373x to 0.331x, dynamo 0.334x to
+0.293x.
 """
 
 from __future__ import annotations
@@ -38,46 +42,55 @@ HIDDEN = -10000.0  # a mask entry at or below this hides the key from that query
 FLOOR = -40.0  # the logit of a hidden key after the rewrite
 
 
-def hide_masked_keys(env) -> int:
-    """The rewrite (see the module doc) on every standard Attention of env.graph it applies to;
-    how many. env: fuse's Env (its constants are reused, so a second run finds nothing to merge)."""
+def hide_masked_keys(env, nodes: list | None = None) -> int:
+    """The rewrite (see the module doc) on every attention node of env.graph it applies to (or on
+    `nodes` only); how many. env: fuse's Env (its constants are reused, so a second run finds
+    nothing to merge). New nodes go right before the attention node that first needs them."""
     graph, names = env.graph, env.names
-    done = 0
     made: dict[str, tuple[gs.Tensor, gs.Tensor]] = {}  # mask name -> (new mask, K's row factor)
-    for node in list(graph.nodes):
-        if not _applies(node):
+    ahead: dict[int, list[gs.Node]] = {}  # id(attention node) -> the nodes to put before it
+    for node in list(graph.nodes) if nodes is None else nodes:
+        at = _mask_input(node)
+        if at is None:
             continue
-        mask, k = node.inputs[3], node.inputs[1]
+        mask, k = node.inputs[at], node.inputs[1]
+        new = ahead.setdefault(id(node), [])
         if mask.name not in made:
-            made[mask.name] = _hidden_keys(env, mask)
+            made[mask.name], mask_nodes = _hidden_keys(env, mask)
+            new += mask_nodes
         new_mask, keep = made[mask.name]
         kept = gs.Variable(names.new(f"{k.name}_seen"), np.float32, k.shape)
-        graph.nodes.append(gs.Node("Mul", names.new(f"{node.name or 'Attention'}_hide_keys"), inputs=[k, keep],
-                                   outputs=[kept]))
-        node.inputs[1], node.inputs[3] = kept, new_mask
-        done += 1
-    return done
+        new.append(gs.Node("Mul", names.new(f"{node.name or node.op}_hide_keys"), inputs=[k, keep], outputs=[kept]))
+        node.inputs[1], node.inputs[at] = kept, new_mask
+    if ahead:
+        graph.nodes = [n for node in graph.nodes for n in ahead.get(id(node), []) + [node]]
+    return len(ahead)
 
 
-def _applies(node: gs.Node) -> bool:
-    if node.op != "Attention" or node.domain not in STANDARD_DOMAINS or len(node.inputs) < 4:
-        return False
+def _mask_input(node: gs.Node) -> int | None:
+    """The input index of the node's additive mask where the rewrite applies, else None: the
+    standard Attention's attn_mask, or onnxruntime's MultiHeadAttention's attention_bias (no bias,
+    key_padding_mask or past state: K is the keys as the kernel uses them)."""
     ins = node.inputs
-    mask, k = ins[3], ins[1]
-    if not mask.name or any(x.name for x in ins[4:]) or any(o.name and o.outputs for o in node.outputs[1:]):
-        return False
-    if node.attrs.get("softcap", 0.0) or node.attrs.get("is_causal", 0):
-        return False
+    if node.op == "Attention" and node.domain in STANDARD_DOMAINS and len(ins) > 3:
+        at, rest = 3, ins[4:]
+        if node.attrs.get("softcap", 0.0) or node.attrs.get("is_causal", 0):
+            return None
+    elif node.op == "MultiHeadAttention" and node.domain == "com.microsoft" and len(ins) > 5:
+        at, rest = 5, ins[3:5] + ins[6:]
+    else:
+        return None
+    mask, k = ins[at], ins[1]
+    if not mask.name or any(x.name for x in rest) or any(o.name and o.outputs for o in node.outputs[1:]):
+        return None
     if np.dtype(mask.dtype) != np.float32 or k.shape is None or len(k.shape) != 3 or mask.shape is None:
-        return False
+        return None
     shape = list(mask.shape)
     if len(shape) not in (2, 4) or (len(shape) == 4 and shape[1] != 1):
-        return False
+        return None
     if is_constant(mask):
-        return bool(np.any(np.max(np.asarray(values(mask)), axis=-2) <= HIDDEN))
-    if _done(mask, k):
-        return False
-    return True
+        return at if np.any(np.max(np.asarray(values(mask)), axis=-2) <= HIDDEN) else None
+    return None if _done(mask, k) else at
 
 
 def _done(mask: gs.Tensor, k: gs.Tensor) -> bool:
@@ -89,9 +102,10 @@ def _done(mask: gs.Tensor, k: gs.Tensor) -> bool:
     return is_constant(floor) and np.asarray(values(floor)).size == 1 and float(values(floor)) == FLOOR
 
 
-def _hidden_keys(env, mask: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor]:
-    """(the mask with hidden keys' entries at FLOOR, [B or 1, L, 1] with 0 at hidden keys, else 1)."""
-    graph, names, opset = env.graph, env.names, env.opset
+def _hidden_keys(env, mask: gs.Tensor) -> tuple[tuple[gs.Tensor, gs.Tensor], list[gs.Node]]:
+    """((the mask with hidden keys' entries at FLOOR, [B or 1, L, 1] with 0 at hidden keys, else
+    1), the nodes computing them)."""
+    names, opset = env.names, env.opset
     base = mask.name
     rank = len(mask.shape)
 
@@ -110,7 +124,7 @@ def _hidden_keys(env, mask: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor]:
     keep = var("key_rows", np.float32, [mask.shape[0] if rank == 4 else 1, mask.shape[-1], 1])
     new_mask = var("keys_hidden", np.float32, mask.shape)
     hidden = const("hidden", np.float32(HIDDEN))
-    graph.nodes += [
+    nodes = [
         reduce,
         gs.Node("Greater", names.new(f"{base}_seen_now"), inputs=[top, hidden], outputs=[seen_now]),
         _reduce_max(names, base, "best", top, -1, best, opset, const),
@@ -122,7 +136,7 @@ def _hidden_keys(env, mask: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor]:
         gs.Node("Where", names.new(f"{base}_keys_hidden"), inputs=[seen, mask, const("floor", np.float32(FLOOR))],
                 outputs=[new_mask]),
     ]
-    return new_mask, keep
+    return (new_mask, keep), nodes
 
 
 def _reduce_max(names: Names, base: str, what: str, x: gs.Tensor, axis: int, out: gs.Tensor, opset: int, const):

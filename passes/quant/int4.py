@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.graph import Names, values
 
 from .calib import gptq_columns, inverse_factor
-from .int8 import MS, Site, _attention_core, _const, _var, linear_weight
+from .int8 import MS, Site, _attention_core, _const, _var, hide_keys, linear_weight
 
 BLOCK = 32
 
@@ -141,6 +141,7 @@ def quantize_sites(graph: gs.Graph, sites: list[Site], weights: dict, opset_vers
         node.outputs.clear()
         replaced[site.index] = new
     graph.nodes = [n for i, node in enumerate(nodes) for n in replaced.get(i, (node,))]
+    hide_keys(graph, replaced, "ort", opset_version, names)
 
 
 def site_weight(node: gs.Node, kind: str, h: np.ndarray | None):

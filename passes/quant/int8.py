@@ -15,8 +15,9 @@ Sites, found by `dynamic_sites`, each rewritten by `quantize_sites`:
   would give.
 - `attention` (ort): com.microsoft Attention with a constant packed QKV weight: the projection
   becomes DynamicQuantizeMatMul, then Split into Q, K, V and MultiHeadAttention (same heads,
-  scale and attention bias). Attention with a mask_index, past state or unequal Q/K/V sizes is
-  left in float.
+  scale and attention bias), with fuse's masked_keys on it: the keys a padding mask hides get K
+  rows of 0 and a logit of -40, which onnxruntime's softmax runs faster than float32's lowest.
+  Attention with a mask_index, past state or unequal Q/K/V sizes is left in float.
 
 Weights are symmetric per output channel (column of W, row of a table): scale = max|w| / 127,
 zero point 0. `reduce_range` uses 7 bits (max|w| / 63): onnxruntime's AVX2 kernels without VNNI
@@ -35,6 +36,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.graph import STANDARD_DOMAINS, Names, output_tensors, values
+from onnxopt.passes.fuse import Env
+from onnxopt.passes.fuse.masked_keys import hide_masked_keys
 
 MS = "com.microsoft"
 FLOAT = onnx.TensorProto.FLOAT
@@ -182,6 +185,16 @@ def quantize_sites(graph: gs.Graph, sites: list[Site], target: str, opset_versio
         node.outputs.clear()
         replaced[site.index] = new
     graph.nodes = [n for i, node in enumerate(nodes) for n in replaced.get(i, (node,))]
+    hide_keys(graph, replaced, target, opset_version, names)
+
+
+def hide_keys(graph: gs.Graph, replaced: dict, target: str, opset_version: int, names: Names) -> None:
+    """fuse's masked_keys on the MultiHeadAttention nodes written in place of Attention: a padding
+    mask's keys at a logit of -40, not float32's lowest (onnxruntime's softmax runs exp of that
+    slowly; see passes/fuse/masked_keys.py)."""
+    written = [n for new in replaced.values() for n in new if n.op == "MultiHeadAttention"]
+    if written:
+        hide_masked_keys(Env(graph, target, opset_version, names), written)
 
 
 def _quantized_weight(node: gs.Node, kind: str, qmax: int, smooth: np.ndarray | None):
@@ -363,7 +376,9 @@ def _attention_core(node, qkv, hidden, opset_version, names) -> list[gs.Node]:
     """What follows a packed QKV projection `qkv` that replaced Attention `node`: Split into Q, K,
     V and MultiHeadAttention with the node's heads, scale, mask value and attention bias."""
     base = node.name or "attention"
-    parts = [_var(names, f"{base}_{p}", np.float32) for p in "qkv"]
+    x = node.inputs[0].shape
+    parts = [_var(names, f"{base}_{p}", np.float32, list(x[:-1]) + [hidden] if x is not None and len(x) == 3 else None)
+             for p in "qkv"]
     sizes = np.array([hidden] * 3, np.int64)
     split = gs.Node("Split", names.new(f"{base}_split"), {"axis": -1}, [qkv], parts)
     if opset_version >= 13:

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
-from models.builders import ops, run
+from models.builders import MASKED_KEYS_OPS, op_counts, ops, run
 from onnxopt.passes.quant import int4 as int4_mod
 from onnxopt.passes.quant.int8 import quantize_columns, simulate_dynamic
 
@@ -150,12 +150,17 @@ def test_packed_attention_becomes_int8_projection_split_and_mha():
     rng = np.random.default_rng(4)
     feeds = {"x": rng.standard_normal((2, 7, 64)).astype(np.float32),
              "bias": np.where(rng.random((2, 1, 7, 7)) < 0.2, -1e4, 0).astype(np.float32)}
+    feeds["bias"][0, ..., -2:] = np.finfo(np.float32).min  # padding: keys no query sees
     result = onnxopt.optimize(model, passes=["quant"], quant="dynamic", target="ort", inputs=feeds,
                               options=["quant.fallback=false"], min_cosine=0.9)
     assert result.passes[0].counts == {"attention_int8": 1, "weights_int8": 64 * 192}
-    assert ops(result.model) == ["DynamicQuantizeMatMul", "Split", "MultiHeadAttention"]
-    mha = result.model.graph.node[2]
-    assert list(mha.input)[3:] == ["", "", "bias"] and helper.get_attribute_value(mha.attribute[0]) == 4
+    assert op_counts(result.model) == {"DynamicQuantizeMatMul": 1, "Split": 1, "MultiHeadAttention": 1,
+                                       **MASKED_KEYS_OPS}
+    mha = next(n for n in result.model.graph.node if n.op_type == "MultiHeadAttention")
+    assert helper.get_attribute_value(mha.attribute[0]) == 4
+    # fuse's masked_keys: K through the row factor, the bias with hidden keys at -40
+    made = {o: n.op_type for n in result.model.graph.node for o in n.output}
+    assert list(mha.input)[3:5] == ["", ""] and made[mha.input[5]] == "Where" and made[mha.input[1]] == "Mul"
     # the same maths in float: Attention on the simulated int8 input with the dequantized weight
     reference = onnx.ModelProto()
     reference.CopyFrom(model)
@@ -466,7 +471,8 @@ def test_int4_attention():
     model, w, b = attention_model()
     feeds = {"x": np.ones((2, 7, 64), np.float32), "bias": np.zeros((2, 1, 7, 7), np.float32)}
     result = int4(model, inputs=feeds)
-    assert ops(result.model) == ["MatMulNBits", "Add", "Split", "MultiHeadAttention"]
+    assert op_counts(result.model) == {"MatMulNBits": 1, "Add": 1, "Split": 1, "MultiHeadAttention": 1,
+                                       **MASKED_KEYS_OPS}
 
 
 @pytest.mark.parametrize("kwargs, message", [
