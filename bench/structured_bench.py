@@ -10,8 +10,8 @@ with `--max-opset 23` (fuse writes the standard Attention of opset 23, which onn
 faster than its MultiHeadAttention or the unfused score path when there is a mask, and hides the
 padded keys: masked_keys). onnxsim's apply_structured_pruning runs on onnxopt's fused graph at
 opset 20 (its Gelu op is the pattern onnxsim's chain matcher needs: on the exported erf GELU it
-changes nothing). Fidelity: the
-sentence embedding's cosine against the float model on separate evaluation sentences.
+changes nothing). Fidelity: the sentence embedding's cosine against the float model on separate
+evaluation sentences.
 
 PP-OCRv4 recognizer: `--sparsity S` for a sweep, calibrated on rendered lines, against onnxsim
 at the same S; fidelity: argmax agreement per output position on separate rendered lines.

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import STANDARD_DOMAINS, Names, is_constant, producer, values
+from onnxopt.graph import STANDARD_DOMAINS, is_constant, producer, values
 
 HIDDEN = -10000.0  # a mask entry at or below this hides the key from that query
 FLOOR = -40.0  # the logit of a hidden key after the rewrite
@@ -115,8 +115,13 @@ def _hidden_keys(env, mask: gs.Tensor) -> tuple[tuple[gs.Tensor, gs.Tensor], lis
     def const(suffix, value):
         return env.constant(f"{base}_{suffix}", value)
 
+    def reduce_max(x, axis, out):  # keeping the axis; its axes an input from opset 18, an attribute before
+        name = names.new(f"{out.name}_max")
+        if opset >= 18:
+            return gs.Node("ReduceMax", name, {"keepdims": 1}, [x, const("axes", np.array([axis], np.int64))], [out])
+        return gs.Node("ReduceMax", name, {"axes": [axis], "keepdims": 1}, [x], [out])
+
     top = var("top", shape=list(mask.shape[:-2]) + [1, mask.shape[-1]])  # each key's highest entry
-    reduce = _reduce_max(names, base, "top", mask, -2, top, opset, const)
     best = var("best", shape=list(top.shape[:-1]) + [1])  # the highest entry of the sample's mask
     seen_now, none_seen, seen = var("seen_now", bool, top.shape), var("none_seen", bool, best.shape), \
         var("seen", bool, top.shape)
@@ -125,9 +130,9 @@ def _hidden_keys(env, mask: gs.Tensor) -> tuple[tuple[gs.Tensor, gs.Tensor], lis
     new_mask = var("keys_hidden", np.float32, mask.shape)
     hidden = const("hidden", np.float32(HIDDEN))
     nodes = [
-        reduce,
+        reduce_max(mask, -2, top),
         gs.Node("Greater", names.new(f"{base}_seen_now"), inputs=[top, hidden], outputs=[seen_now]),
-        _reduce_max(names, base, "best", top, -1, best, opset, const),
+        reduce_max(top, -1, best),
         gs.Node("LessOrEqual", names.new(f"{base}_none_seen"), inputs=[best, hidden], outputs=[none_seen]),
         gs.Node("Or", names.new(f"{base}_seen"), inputs=[seen_now, none_seen], outputs=[seen]),
         gs.Node("Cast", names.new(f"{base}_seen_f"), {"to": 1}, [seen], [factor]),
@@ -138,10 +143,3 @@ def _hidden_keys(env, mask: gs.Tensor) -> tuple[tuple[gs.Tensor, gs.Tensor], lis
     ]
     return (new_mask, keep), nodes
 
-
-def _reduce_max(names: Names, base: str, what: str, x: gs.Tensor, axis: int, out: gs.Tensor, opset: int, const):
-    """ReduceMax over one axis, keeping it (the axes an input from opset 18, an attribute before)."""
-    if opset >= 18:
-        return gs.Node("ReduceMax", names.new(f"{base}_{what}"), {"keepdims": 1},
-                       [x, const(f"{what}_axes", np.array([axis], np.int64))], [out])
-    return gs.Node("ReduceMax", names.new(f"{base}_{what}"), {"axes": [axis], "keepdims": 1}, [x], [out])

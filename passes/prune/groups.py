@@ -12,9 +12,8 @@ constants that spell the head count, the score path (only scalars and masks that
 over heads), the merge Reshape and the output projection; or onnxruntime's fused Attention
 (its packed QKV weight, bias and num_heads), or the standard Attention of opset 23 (its Q, K
 and V projections, past the per-position factor fuse's masked_keys puts on K, q_num_heads and
-kv_num_heads). Anything the walk cannot prove safe (a Shape, a
-Reshape, a Concat, a graph output, a LayerNormalization over the units...) leaves the whole
-group alone, with the reason.
+kv_num_heads). Anything the walk cannot prove safe (a Shape, a Reshape, a Concat, a graph
+output, a LayerNormalization over the units...) leaves the whole group alone, with the reason.
 """
 
 from __future__ import annotations
