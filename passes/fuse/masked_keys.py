@@ -1,7 +1,12 @@
-"""masked_keys (after the rules; both targets): a standard Attention (opset 23), or onnxruntime's
-MultiHeadAttention (the quant pass applies it to those it writes), whose additive mask hides some
-keys from every query gets those keys' rows of K zeroed and their mask entries set to FLOOR, so
-each hidden key's logit is exactly FLOOR instead of the original -3.4e38 (or -10000).
+"""masked_keys (after the rules; both targets): an attention whose additive mask hides some keys
+from every query gets those keys' rows of K zeroed and their mask entries set to FLOOR, so each
+hidden key's logit is exactly FLOOR instead of the original -3.4e38 (or -10000). The forms:
+- a standard Attention (opset 23), or onnxruntime's MultiHeadAttention (the quant pass applies
+  it to those it writes): K is its input;
+- the unfused score path, Softmax(MatMul(Q, K^T) (times or over scalars) + mask), as the default
+  target keeps it below opset 23: K is the [B, L, hidden] tensor before the Reshape that splits
+  it into heads (then Transpose (0, 2, 3, 1)); the new mask goes into the Add. Every tensor from
+  that Reshape to the Softmax must be read by the next node alone (no present-key output).
 
 Why: onnxruntime's softmax takes a slow path for exp of a large negative number (the result
 underflows through denormals): in 1.32 on CPU, a padding mask of float32's lowest value makes
@@ -18,9 +23,11 @@ a causal mask is unchanged (every key but the last is seen); a sample none of wh
 
 Hidden: every entry of the key's column of the mask is at most HIDDEN (-10000: exp of it
 underflows to 0 against any logit within 9900 of the row's largest). The mask must broadcast
-over the heads ([B or 1, 1, S, L], or [S, L]) and K must be a 3-D [B, L, hidden] input; the
+over the heads ([B or 1, 1, S, L], or [S, L]) and K must be a 3-D [B, L, hidden] tensor; the
 Attention must have no past state, softcap or is_causal, the MultiHeadAttention no bias input
-(it would add to the zeroed rows), key_padding_mask or past state.
+(it would add to the zeroed rows), key_padding_mask or past state; nothing but scalar factors
+may stand between the scores and the mask's Add (a position bias added first would shift the
+floor).
 
 Rewritten so, the kernel takes 335 us. MiniLM at 128 tokens, the last quarter padding, `--passes
 fold,cleanup,fuse --max-opset 23` against the float model: legacy 0.977x without it, 0.921x with
@@ -43,34 +50,60 @@ FLOOR = -40.0  # the logit of a hidden key after the rewrite
 
 
 def hide_masked_keys(env, nodes: list | None = None) -> int:
-    """The rewrite (see the module doc) on every attention node of env.graph it applies to (or on
-    `nodes` only); how many. env: fuse's Env (its constants are reused, so a second run finds
-    nothing to merge). New nodes go right before the attention node that first needs them."""
+    """The rewrite (see the module doc) on every attention of env.graph it applies to (or on
+    `nodes` only: attention nodes, or the Softmax of an unfused one); how many. env: fuse's Env
+    (its constants are reused, so a second run finds nothing to merge). New nodes go right before
+    the node that reads K."""
     graph, names = env.graph, env.names
+    fixed = {id(t) for t in graph.outputs}
     made: dict[str, tuple[gs.Tensor, gs.Tensor]] = {}  # mask name -> (new mask, K's row factor)
-    ahead: dict[int, list[gs.Node]] = {}  # id(attention node) -> the nodes to put before it
+    ahead: dict[int, list[gs.Node]] = {}  # id(node) -> the nodes to put before it
+    count, unfused = 0, False
     for node in list(graph.nodes) if nodes is None else nodes:
-        at = _mask_input(node)
-        if at is None:
+        site = _site(node, fixed)
+        if site is None:
             continue
-        mask, k = node.inputs[at], node.inputs[1]
-        new = ahead.setdefault(id(node), [])
+        (mask_reader, at), (k_reader, k_at) = site
+        mask, k = mask_reader.inputs[at], k_reader.inputs[k_at]
+        new = ahead.setdefault(id(k_reader), [])
         if mask.name not in made:
             made[mask.name], mask_nodes = _hidden_keys(env, mask)
             new += mask_nodes
         new_mask, keep = made[mask.name]
         kept = gs.Variable(names.new(f"{k.name}_seen"), np.float32, k.shape)
         new.append(gs.Node("Mul", names.new(f"{node.name or node.op}_hide_keys"), inputs=[k, keep], outputs=[kept]))
-        node.inputs[1], node.inputs[at] = kept, new_mask
+        k_reader.inputs[k_at], mask_reader.inputs[at] = kept, new_mask
+        count += 1
+        unfused |= k_reader is not node
     if ahead:
         graph.nodes = [n for node in graph.nodes for n in ahead.get(id(node), []) + [node]]
-    return len(ahead)
+    if unfused:  # K's head Reshape now reads the factor, and the mask may be computed after it
+        graph.toposort()
+    return count
+
+
+def _site(node: gs.Node, fixed: set) -> tuple[tuple[gs.Node, int], tuple[gs.Node, int]] | None:
+    """Where the rewrite applies: ((the node reading the mask, its input index), (the node
+    reading K, its input index)), else None. The attention ops read both; in the unfused form the
+    Softmax's Add reads the mask and K's head Reshape reads K."""
+    if node.op == "Softmax":
+        found = _unfused(node, fixed)
+        if found is None:
+            return None
+        (add, at), k_reshape = found
+        mask, k = add.inputs[at], k_reshape.inputs[0]
+        if not _eligible(mask, k):
+            return None
+        return (add, at), (k_reshape, 0)
+    at = _mask_input(node)
+    return None if at is None or not _eligible(node.inputs[at], node.inputs[1]) else ((node, at), (node, 1))
 
 
 def _mask_input(node: gs.Node) -> int | None:
-    """The input index of the node's additive mask where the rewrite applies, else None: the
-    standard Attention's attn_mask, or onnxruntime's MultiHeadAttention's attention_bias (no bias,
-    key_padding_mask or past state: K is the keys as the kernel uses them)."""
+    """The input index of the attention op's additive mask where the rewrite may apply, else
+    None: the standard Attention's attn_mask, or onnxruntime's MultiHeadAttention's
+    attention_bias (no bias, key_padding_mask or past state: K is the keys as the kernel uses
+    them)."""
     ins = node.inputs
     if node.op == "Attention" and node.domain in STANDARD_DOMAINS and len(ins) > 3:
         at, rest = 3, ins[4:]
@@ -80,17 +113,96 @@ def _mask_input(node: gs.Node) -> int | None:
         at, rest = 5, ins[3:5] + ins[6:]
     else:
         return None
-    mask, k = ins[at], ins[1]
-    if not mask.name or any(x.name for x in rest) or any(o.name and o.outputs for o in node.outputs[1:]):
+    if not ins[at].name or any(x.name for x in rest) or any(o.name and o.outputs for o in node.outputs[1:]):
         return None
-    if np.dtype(mask.dtype) != np.float32 or k.shape is None or len(k.shape) != 3 or mask.shape is None:
+    return at
+
+
+def _unfused(softmax: gs.Node, fixed: set) -> tuple[tuple[gs.Node, int], gs.Node] | None:
+    """Softmax(last axis)(Add(scores, mask)), scores = MatMul(Q, K^T) times or over scalar
+    constants, K^T = Transpose(0, 2, 3, 1) (times or over scalar constants) of Reshape(K,
+    [B, L, H, D]) splitting K's last axis: ((the Add, the mask's input index), the Reshape),
+    else None. Every tensor from the Reshape's output to the Softmax's input is read by the next
+    node alone, so only this softmax sees the change."""
+    def only(t, reader):
+        return id(t) not in fixed and len(t.outputs) == 1 and t.outputs[0] is reader
+
+    if softmax.domain not in STANDARD_DOMAINS or softmax.attrs.get("axis", -1) not in (-1, 3):
         return None
+    x = softmax.inputs[0]
+    add = producer(x)
+    if add is None or add.op != "Add" or add.domain not in STANDARD_DOMAINS or not only(x, softmax):
+        return None
+    for at in (1, 0):
+        qk = _above_scalars(add.inputs[1 - at], add, only)
+        if qk is not None and qk.op == "MatMul" and qk.domain in STANDARD_DOMAINS:
+            break
+    else:
+        return None
+    if x.shape is None or len(x.shape) != 4:
+        return None
+    node = _above_scalars(qk.inputs[1], qk, only)
+    if node is None or node.op != "Transpose" or tuple(node.attrs.get("perm", ())) != (0, 2, 3, 1):
+        return None  # (fuse's transpose_chain has made one Transpose of two)
+    reshape = producer(node.inputs[0])
+    if not only(node.inputs[0], node) or reshape is None or not _splits_heads(reshape):
+        return None
+    return (add, at), reshape
+
+
+def _above_scalars(t: gs.Tensor, reader: gs.Node, only) -> gs.Node | None:
+    """The node above t and any Mul or Div by a scalar constant, each tensor read by the next
+    node alone (else None)."""
+    while only(t, reader):
+        node = producer(t)
+        if node is None or node.op not in ("Mul", "Div") or _scalar_operand(node) is None:
+            return node
+        t, reader = node.inputs[1 - _scalar_operand(node)], node
+    return None
+
+
+def _scalar_operand(node: gs.Node) -> int | None:
+    """The index of a Mul's or a Div's scalar constant operand (a Div's divisor only), else None."""
+    if node.domain not in STANDARD_DOMAINS or len(node.inputs) != 2:
+        return None
+    for j in (1, 0) if node.op == "Mul" else (1,):
+        c = node.inputs[j]
+        if is_constant(c) and np.asarray(values(c)).size == 1 and np.isfinite(values(c)).all():
+            return j
+    return None
+
+
+def _splits_heads(node: gs.Node) -> bool:
+    """A Reshape of a 3-D [B, L, hidden] tensor to [B, L, H, D] (axes 0 and 1 kept)."""
+    if node.op != "Reshape" or node.domain not in STANDARD_DOMAINS or not is_constant(node.inputs[1]):
+        return False
+    shape = node.inputs[0].shape
+    spec = [int(v) for v in np.asarray(values(node.inputs[1])).ravel()]
+    if shape is None or len(shape) != 3 or len(spec) != 4 or not isinstance(shape[2], int) or spec[3] <= 0:
+        return False
+    if node.attrs.get("allowzero", 0) and 0 in spec:
+        return False
+    kept = [s == 0 or s == d for s, d in zip(spec[:2], shape[:2])]
+    if spec[2] == -1:
+        return all(kept) and shape[2] % spec[3] == 0
+    if spec[2] <= 0 or spec[2] * spec[3] != shape[2]:
+        return False
+    return all(kept) or (any(kept) and -1 in spec[:2])  # the other of B and L spelled -1
+
+
+def _eligible(mask: gs.Tensor, k: gs.Tensor) -> bool:
+    """A float32 additive mask that broadcasts over the heads ([B or 1, 1, S, L], or [S, L]) and
+    hides some key from every query, beside a 3-D K not already rewritten."""
+    if mask.dtype is None or np.dtype(mask.dtype) != np.float32 or mask.shape is None:
+        return False
+    if k.shape is None or len(k.shape) != 3:
+        return False
     shape = list(mask.shape)
-    if len(shape) not in (2, 4) or (len(shape) == 4 and shape[1] != 1):
-        return None
+    if len(shape) not in (2, 4) or (len(shape) == 4 and shape[1] != 1) or shape[-1] == 1:
+        return False
     if is_constant(mask):
-        return at if np.any(np.max(np.asarray(values(mask)), axis=-2) <= HIDDEN) else None
-    return None if _done(mask, k) else at
+        return bool(np.any(np.max(np.asarray(values(mask)), axis=-2) <= HIDDEN))
+    return not _done(mask, k)
 
 
 def _done(mask: gs.Tensor, k: gs.Tensor) -> bool:

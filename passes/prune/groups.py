@@ -265,7 +265,13 @@ def _attention(f: Finder, node: gs.Node) -> Group | str | None:
         return f"{label}: Q or K is not split into heads by Reshape and Transpose: heads left alone"
     lins = []
     for rs, _, _ in (q, k, v):
-        lin = _linear_with_bias(f, rs.inputs[0])
+        x = rs.inputs[0]
+        above = _row_factor(f, x, rs)  # fuse's masked_keys writes K times a [B, L, 1] factor
+        if above is not x:
+            if f.single(above) is not producer(x):
+                return f"{label}: {above.name} is read elsewhere: heads left alone"
+            scaled.append(x.name)
+        lin = _linear_with_bias(f, above)
         if lin is None:
             return f"{label}: Q, K or V is not a MatMul with a constant weight: heads left alone"
         lins.append(lin)

@@ -1,6 +1,8 @@
 """fuse: multi-head attention into com.microsoft Attention / MultiHeadAttention (--target ort) and
 standard Attention (opset 23, --target onnx)."""
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import pytest
@@ -201,7 +203,8 @@ def test_attention_onnx_raises_the_opset_when_allowed():
 def test_attention_not_fused(kwargs, target, reason):
     model = attention_model(**kwargs)
     fused_feeds = feeds(kwargs.get("mask_shape", (B, 1, S, S)))
-    out, result = optimize_checked(model, ["fuse"], feeds=fused_feeds, target=target, explain=True)
+    out, result = optimize_checked(model, ["fuse"], feeds=fused_feeds, target=target, explain=True,
+                                   options=["fuse.disable=masked_keys"])  # it applies to the unfused form too
     assert op_counts(out) == op_counts(model) and result.passes[0].counts == {}
     assert [line for line in result.explain if reason in line], result.explain
 
@@ -331,3 +334,67 @@ def test_masked_keys_not_applied_to_a_mask_per_head_or_one_that_hides_nothing():
     softmax.input[0] = "masked"
     result = onnxopt.optimize(constant, passes=["fuse"], target="onnx", verify="none")
     assert result.passes[0].counts == {"attention_onnx": 1}
+
+
+# masked_keys on the unfused form (below opset 23, or an attention no rule fuses): K times the
+# factor before its head Reshape, the new mask in the Add before the Softmax
+
+
+@pytest.mark.parametrize("kind", ["padding", "causal", "none"])
+@pytest.mark.parametrize("value", [LOWEST, -10000.0])
+@pytest.mark.parametrize("form", ["Mul", "Div", "unscaled", "[S, S] mask"])
+def test_masked_keys_on_unfused_attention_keep_the_outputs(kind, value, form):
+    model = attention_model(mask_shape=(S, S) if form == "[S, S] mask" else (B, 1, S, S),
+                            scale_op={"Div": "Div", "unscaled": None}.get(form, "Mul"))
+    f = masked_feeds(kind, value)
+    if form == "[S, S] mask":
+        f["mask"] = f["mask"][0, 0]
+    out, result = optimize_checked(model, ["fuse"], feeds=f, target="onnx")
+    assert result.passes[0].counts == {"masked_keys": 1}
+    assert op_counts(out) == op_counts(model) + Counter(MASKED_KEYS_OPS)
+    made = {o: n for n in out.graph.node for o in n.output}
+    mul, add = made[made["k_heads"].input[0]], made[next(n for n in out.graph.node if n.op_type == "Softmax").input[0]]
+    assert mul.op_type == "Mul" and mul.input[0] == "k_add" and made[add.input[1]].op_type == "Where"
+    if kind == "padding":  # a padded key's logit is exactly the floor now
+        logits = out.graph.output.add()
+        logits.name = add.output[0]
+        got = run(out, f)[add.output[0]]
+        hidden = np.broadcast_to(f["mask"], got.shape) <= -10000
+        assert hidden.any() and np.all(got[hidden] == -40.0) and np.all(got[~hidden] > -40.0)
+
+
+def test_masked_keys_on_unfused_attention_leave_a_sample_that_hides_every_key_as_it_was():
+    model = attention_model()
+    on = onnxopt.optimize(model, passes=["fuse"], target="onnx", verify="none").model
+    off = onnxopt.optimize(model, passes=["fuse"], target="onnx", verify="none",
+                           options=["fuse.disable=masked_keys"]).model
+    assert op_counts(off) == op_counts(model) and op_counts(on) == op_counts(model) + Counter(MASKED_KEYS_OPS)
+    for value in (LOWEST, -10000.0):
+        f = masked_feeds("all", value)
+        got, want = run(on, f)["y"], run(off, f)["y"]
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_masked_keys_on_unfused_attention_are_idempotent():
+    out = onnxopt.optimize(attention_model(), passes=["fuse"], target="onnx", verify="none").model
+    again = onnxopt.optimize(out, passes=["fuse"], target="onnx", verify="none")
+    assert again.passes[0].counts == {}
+
+
+def k_heads_read_elsewhere():
+    model = attention_model()
+    model.graph.output.append(helper.make_tensor_value_info("k_heads", onnx.TensorProto.FLOAT, [B, S, N, D]))
+    return model
+
+
+@pytest.mark.parametrize("model", [
+    pytest.param(lambda: attention_model((B, N, S, S)), id="a mask per head"),
+    pytest.param(lambda: attention_model((B, 1, S, 1)), id="a mask per query only"),
+    pytest.param(lambda: attention_model(position_bias=True), id="a position bias before the mask"),
+    pytest.param(k_heads_read_elsewhere, id="K's heads an output too"),
+    pytest.param(lambda: attention_model(k_perm=(0, 2, 1, 3)), id="no K^T"),
+])
+def test_masked_keys_not_applied_to_unfused_attention(model):
+    result = onnxopt.optimize(model(), passes=["fuse"], target="onnx", verify="none")
+    assert result.passes[0].counts == {}

@@ -154,12 +154,18 @@ def attention_feeds(d=16, s=6, mask_heads=1):
 
 @pytest.mark.parametrize("explicit", [False, True])
 @pytest.mark.parametrize("scale_q", [False, True])
-def test_heads_are_removed_with_their_reshape_constants(explicit, scale_q):
-    proto = attention(explicit=explicit, scale_q=scale_q)
-    m = import_model(proto)
+@pytest.mark.parametrize("masked_keys", [False, True])
+def test_heads_are_removed_with_their_reshape_constants(explicit, scale_q, masked_keys):
+    """masked_keys: after fuse, which multiplies K by a [B, L, 1] factor before its head Reshape."""
+    proto = model = attention(explicit=explicit, scale_q=scale_q)
+    if masked_keys:
+        fused = onnxopt.optimize(proto, passes=["fuse"], target="onnx", verify="none")
+        assert fused.passes[0].counts == {"masked_keys": 1}
+        model = fused.model
+    m = import_model(model)
     groups, skipped = find_groups(m.graph)
     assert [(g.kind, g.units, g.width) for g in groups] == [("heads", 4, 4)], skipped
-    out = pruned(proto, {0: [1, 2]})
+    out = pruned(model, {0: [1, 2]})
     got = inits(out)
     assert got["wq"].shape == (16, 8) and got["bk"].shape == (8,) and got["wo"].shape == (8, 8)
     assert list(got["split_i"]) == [0, 0, 2 if explicit else -1, 4]
