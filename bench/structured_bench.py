@@ -22,6 +22,7 @@ Writes bench/structured.md and bench/structured.json (--table NAME: bench/NAME.m
 --runs: only the runs whose label contains one of its |-separated parts).
 
     python bench/structured_bench.py
+    python bench/structured_bench.py --models minilm_legacy,minilm_dynamo --keep-others
     python bench/structured_bench.py --models minilm_legacy,minilm_dynamo --runs 'max-opset 23|target ort' \
         --table structured_attention
 """

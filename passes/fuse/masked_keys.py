@@ -29,13 +29,14 @@ Attention must have no past state, softcap or is_causal, the MultiHeadAttention 
 may stand between the scores and the mask's Add (a position bias added first would shift the
 floor).
 
-Rewritten so, the kernel takes 335 us. MiniLM at 128 tokens, the last quarter padding, `--passes
-fold,cleanup,fuse --max-opset 23` against the float model: legacy 0.977x without it, 0.921x with
-it; dynamo 0.857x and 0.815x (bench/masked_keys.md); outputs within 2e-6 of the original's on 30
-padded and 10 unpadded sentences. Structured + dynamic INT8 at --min-cosine 0.96
-(bench/structured_attention.md): `--max-opset 23` legacy 0.351x to 0.313x, dynamo 0.322x to
-0.275x; `--target ort` (quant's MultiHeadAttention) legacy 0.373x to 0.331x, dynamo 0.334x to
-0.293x.
+Rewritten so, the kernel takes 327-335 us. MiniLM at 128 tokens, the last quarter padding,
+`--passes fold,cleanup,fuse` against the float model, without and with it (bench/masked_keys.md):
+the unfused score path at the model's opset, legacy 0.985x to 0.938x, dynamo 0.873x to 0.840x;
+`--max-opset 23`, legacy 0.965x to 0.911x, dynamo 0.848x to 0.809x; the outputs as close to the
+float model's as without it. Structured + dynamic INT8 at --min-cosine 0.96 (bench/structured.md;
+the same units removed): the default target, legacy 0.378x to 0.333x, dynamo 0.341x to 0.300x;
+`--max-opset 23` 0.303x and 0.278x; `--target ort` (quant's MultiHeadAttention) 0.340x and
+0.299x, from 0.373x and 0.334x.
 """
 
 from __future__ import annotations
