@@ -87,7 +87,7 @@ def _common_check(m, env):
         return "mixed element types"
     shapes = [m.value("shape" + t).tolist() for t in "qkv"]
     if len({tuple(s[2:]) for s in shapes}) != 1 or any(
-            len(s) != 4 or not _keeps_leading(s, x.shape, m["r" + t]) for s, x, t in zip(shapes, xs, "qkv")):
+            len(s) != 4 or not keeps_leading(s, x.shape, m["r" + t]) for s, x, t in zip(shapes, xs, "qkv")):
         return "heads are not split as reshape [batch, sequence, heads, head_size]"
     head_size = shapes[0][3]
     if head_size <= 0 or hidden % head_size or shapes[0][2] not in (-1, hidden // head_size):
@@ -99,7 +99,7 @@ def _common_check(m, env):
         return "head transposes are not the BERT layout"
     merged = m.value("shape_out").tolist()
     if (len(merged) != 3 or merged[2] not in (-1, hidden) or merged.count(-1) > 1
-            or not _keeps_leading(merged, m["xq"].shape, m["rout"])):
+            or not keeps_leading(merged, m["xq"].shape, m["rout"])):
         return "context is not merged back to [batch, sequence, hidden]"
     if m["softmax"].attrs.get("axis", -1 if env.opset >= 13 else 1) not in (-1, 3):
         return "softmax is not over the last axis"
@@ -117,7 +117,7 @@ def _common_check(m, env):
     return None
 
 
-def _keeps_leading(shape: list, dims, reshape: gs.Node) -> bool:
+def keeps_leading(shape: list, dims, reshape: gs.Node) -> bool:
     """Whether the Reshape to `shape` keeps its input's first two dimensions (`dims`: the
     [batch, sequence, ...] of the projection's input): each is copied (0, unless allowzero), the
     same known size, or the one -1 beside a kept one (it then resolves to the other: the trailing

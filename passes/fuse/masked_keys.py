@@ -46,6 +46,8 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import STANDARD_DOMAINS, is_constant, producer, values
 
+from .attention import keeps_leading
+
 HIDDEN = -10000.0  # a mask entry at or below this hides the key from that query
 FLOOR = -40.0  # the logit of a hidden key after the rewrite
 
@@ -88,16 +90,14 @@ def _site(node: gs.Node, fixed: set) -> tuple[tuple[gs.Node, int], tuple[gs.Node
     reading K, its input index)), else None. The attention ops read both; in the unfused form the
     Softmax's Add reads the mask and K's head Reshape reads K."""
     if node.op == "Softmax":
-        found = _unfused(node, fixed)
-        if found is None:
-            return None
-        (add, at), k_reshape = found
-        mask, k = add.inputs[at], k_reshape.inputs[0]
-        if not _eligible(mask, k):
-            return None
-        return (add, at), (k_reshape, 0)
-    at = _mask_input(node)
-    return None if at is None or not _eligible(node.inputs[at], node.inputs[1]) else ((node, at), (node, 1))
+        site = _unfused(node, fixed)
+    else:
+        at = _mask_input(node)
+        site = None if at is None else ((node, at), (node, 1))
+    if site is None:
+        return None
+    (mask_reader, at), (k_reader, k_at) = site
+    return site if _eligible(mask_reader.inputs[at], k_reader.inputs[k_at]) else None
 
 
 def _mask_input(node: gs.Node) -> int | None:
@@ -119,10 +119,10 @@ def _mask_input(node: gs.Node) -> int | None:
     return at
 
 
-def _unfused(softmax: gs.Node, fixed: set) -> tuple[tuple[gs.Node, int], gs.Node] | None:
+def _unfused(softmax: gs.Node, fixed: set) -> tuple[tuple[gs.Node, int], tuple[gs.Node, int]] | None:
     """Softmax(last axis)(Add(scores, mask)), scores = MatMul(Q, K^T) times or over scalar
     constants, K^T = Transpose(0, 2, 3, 1) (times or over scalar constants) of Reshape(K,
-    [B, L, H, D]) splitting K's last axis: ((the Add, the mask's input index), the Reshape),
+    [B, L, H, D]) splitting K's last axis: ((the Add, the mask's input index), (the Reshape, 0)),
     else None. Every tensor from the Reshape's output to the Softmax's input is read by the next
     node alone, so only this softmax sees the change."""
     def only(t, reader):
@@ -148,7 +148,7 @@ def _unfused(softmax: gs.Node, fixed: set) -> tuple[tuple[gs.Node, int], gs.Node
     reshape = producer(node.inputs[0])
     if not only(node.inputs[0], node) or reshape is None or not _splits_heads(reshape):
         return None
-    return (add, at), reshape
+    return (add, at), (reshape, 0)
 
 
 def _above_scalars(t: gs.Tensor, reader: gs.Node, only) -> gs.Node | None:
@@ -174,21 +174,19 @@ def _scalar_operand(node: gs.Node) -> int | None:
 
 
 def _splits_heads(node: gs.Node) -> bool:
-    """A Reshape of a 3-D [B, L, hidden] tensor to [B, L, H, D] (axes 0 and 1 kept)."""
+    """A Reshape of a 3-D [B, L, hidden] tensor to [B, L, H, D] (axes 0 and 1 kept), as fuse's
+    attention rules check it."""
     if node.op != "Reshape" or node.domain not in STANDARD_DOMAINS or not is_constant(node.inputs[1]):
         return False
     shape = node.inputs[0].shape
     spec = [int(v) for v in np.asarray(values(node.inputs[1])).ravel()]
     if shape is None or len(shape) != 3 or len(spec) != 4 or not isinstance(shape[2], int) or spec[3] <= 0:
         return False
-    if node.attrs.get("allowzero", 0) and 0 in spec:
-        return False
-    kept = [s == 0 or s == d for s, d in zip(spec[:2], shape[:2])]
     if spec[2] == -1:
-        return all(kept) and shape[2] % spec[3] == 0
-    if spec[2] <= 0 or spec[2] * spec[3] != shape[2]:
-        return False
-    return all(kept) or (any(kept) and -1 in spec[:2])  # the other of B and L spelled -1
+        heads_known = -1 not in spec[:2] and shape[2] % spec[3] == 0
+    else:
+        heads_known = spec[2] > 0 and spec[2] * spec[3] == shape[2]
+    return heads_known and keeps_leading(spec, shape, node)
 
 
 def _eligible(mask: gs.Tensor, k: gs.Tensor) -> bool:

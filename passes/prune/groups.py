@@ -265,15 +265,9 @@ def _attention(f: Finder, node: gs.Node) -> Group | str | None:
         return f"{label}: Q or K is not split into heads by Reshape and Transpose: heads left alone"
     lins = []
     for rs, _, _ in (q, k, v):
-        x = rs.inputs[0]
-        above = _row_factor(f, x, rs)  # fuse's masked_keys writes K times a [B, L, 1] factor
-        if above is not x:
-            if f.single(above) is not producer(x):
-                return f"{label}: {above.name} is read elsewhere: heads left alone"
-            scaled.append(x.name)
-        lin = _linear_with_bias(f, above)
+        lin = _projection(f, rs.inputs[0], rs, scaled)
         if lin is None:
-            return f"{label}: Q, K or V is not a MatMul with a constant weight: heads left alone"
+            return f"{label}: Q, K or V is not a MatMul with a constant weight read by it alone: heads left alone"
         lins.append(lin)
     dh = v[2][3]
     width = node.inputs[1].shape[0]
@@ -388,13 +382,8 @@ def _standard_attention(f: Finder, node: gs.Node) -> Group | str | None:
         return f"{label}: past state or extra outputs: heads left alone"
     if len(ins) > 3 and ins[3].name and not _broadcasts_over_heads(ins[3]):
         return f"{label}: its mask may vary per head: heads left alone"
-    lins, scaled = [], []
-    for x in ins[:3]:
-        above = _row_factor(f, x, node)  # fuse's masked_keys writes K times a [B, L, 1] factor
-        if above is not x:
-            scaled.append(x.name)
-        reader = node if above is x else producer(x)
-        lins.append(_linear_with_bias(f, above) if f.single(above) is reader else None)
+    scaled: list[str] = []
+    lins = [_projection(f, x, node, scaled) for x in ins[:3]]
     if any(lin is None for lin in lins):
         return f"{label}: Q, K or V is not a MatMul with a constant weight read by it alone: heads left alone"
     width = lins[0][0].inputs[1].shape[1]
@@ -409,6 +398,17 @@ def _standard_attention(f: Finder, node: gs.Node) -> Group | str | None:
     g.attrs += [(idx(node), "q_num_heads"), (idx(node), "kv_num_heads")]
     g.tensors += scaled + [node.outputs[0].name]
     return _read_by(f, g, consumer, node)
+
+
+def _projection(f: Finder, x: gs.Tensor, reader: gs.Node, scaled: list) -> tuple | None:
+    """`_linear_with_bias` of x, which `reader` alone reads, or of the tensor above the [B, L, 1]
+    factor fuse's masked_keys multiplies K by (x then joins `scaled`); None if a tensor on the way
+    has another reader."""
+    above = _row_factor(f, x, reader)
+    if above is not x:
+        scaled.append(x.name)
+        reader = producer(x)
+    return _linear_with_bias(f, above) if f.single(above) is reader else None
 
 
 def _row_factor(f: Finder, t: gs.Tensor, reader: gs.Node) -> gs.Tensor:
