@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Unstructured and 2:4 pruning on MiniLM (both exports) with real text: `--passes
-fold,cleanup,fuse,prune` at 50% unstructured (SparseGPT with calibration sentences, with
-per-layer levels from measured sensitivity and with one sparsity for all layers, and by
-magnitude without them), at the largest mean sparsity inside --min-cosine 0.99, and 2:4 in every
-layer the budget allows.
+fold,cleanup,fuse,prune` at 50% unstructured (calibrated: each layer's mask searched and its
+weights refitted on calibration sentences, with per-layer levels from measured sensitivity and
+with one sparsity for all layers; and by magnitude without them), at the largest mean sparsity
+inside --min-cosine 0.99, and 2:4 in every layer the budget allows. `--extra-calibration N`
+adds N calibration sentences (text_data.extra) with the evaluation sentences unchanged.
 
 Calibration: docstring sentences (bench/text_data.py, MiniLM's tokenizer); onnxopt holds back a
 quarter of them for its own budget check. Fidelity is measured on separate evaluation sentences
@@ -13,7 +14,7 @@ against the float model's, since zeros in dense tensors only shrink a compressed
 latency: onnxruntime's dense kernels run a zeroed weight no faster. Writes bench/prune.md and
 bench/prune.json.
 
-    python bench/prune_bench.py
+    python bench/prune_bench.py --calibration 1024 --models minilm_legacy
 """
 import argparse
 import json
@@ -32,10 +33,10 @@ import text_data  # noqa: E402
 import onnxopt  # noqa: E402
 
 RUNS = {  # name -> optimize keywords
-    "unstructured 50%, SparseGPT, per-layer levels": {"prune": "unstructured", "sparsity": 0.5, "calibrated": True},
-    "unstructured 50%, SparseGPT, uniform, stage by stage": {
+    "unstructured 50%, calibrated, per-layer levels": {"prune": "unstructured", "sparsity": 0.5, "calibrated": True},
+    "unstructured 50%, calibrated, uniform, stage by stage": {
         "prune": "unstructured", "sparsity": 0.5, "calibrated": True, "options": {"prune": {"adaptive": False}}},
-    "unstructured 50%, SparseGPT, uniform, all layers on the original inputs": {
+    "unstructured 50%, calibrated, uniform, all layers on the original inputs": {
         "prune": "unstructured", "sparsity": 0.5, "calibrated": True,
         "options": {"prune": {"adaptive": False, "sequential": False}}},
     "unstructured 50%, magnitude": {"prune": "unstructured", "sparsity": 0.5, "calibrated": False},
@@ -54,6 +55,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calibration", type=int, default=512)
     ap.add_argument("--evaluation", type=int, default=128)
+    ap.add_argument("--extra-calibration", type=int, default=0,
+                    help="more calibration sentences (text_data.extra), the evaluation set unchanged")
     ap.add_argument("--shared-models", type=Path, default=BENCH.parent.parent / "shared" / "models")
     ap.add_argument("--cache", type=Path, default=BENCH / ".cache")
     ap.add_argument("--models", default="minilm_legacy,minilm_dynamo", help="comma-separated")
@@ -62,6 +65,7 @@ def main():
     args = ap.parse_args()
     runs = {k: v for k, v in RUNS.items() if not args.runs or any(part in k for part in args.runs.split("|"))}
     calib_text, eval_text = text_data.split(args.calibration, args.evaluation)
+    calib_text += text_data.extra(args.calibration, args.evaluation, args.extra_calibration)
     calibration, evaluation = text_data.encode(calib_text), text_data.encode(eval_text)
     work = args.cache / "prune"
     work.mkdir(parents=True, exist_ok=True)
@@ -97,7 +101,8 @@ def main():
     env = rb.environment(sys.argv)
     lines = ["# Unstructured and 2:4 pruning on MiniLM with real text", "",
              f"Command: `{env['command']}`  ", f"Machine: {env['cpu']}, {env['nproc']} cores", "",
-             f"{args.calibration} calibration sentences (a quarter held back for the budget check), "
+             f"{len(calib_text)} calibration sentences (a quarter held back for the budget check"
+             + (f"; {args.extra_calibration} of them from text_data.extra" if args.extra_calibration else "") + "), "
              f"{args.evaluation} separate evaluation sentences. Sparsity: zeros among the pruned layers' "
              "weights and the dense ones. Size: zlib-compressed file against the float model's.", "",
              "| model | run | sparsity | layers pruned | embedding cosine mean / worst | nearest-neighbour agreement "

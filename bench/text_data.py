@@ -2,7 +2,8 @@
 standard library (every machine has them), tokenized with all-MiniLM-L6-v2's WordPiece tokenizer.
 
 The sentences are collected in a fixed order and shuffled with a fixed seed; `split` gives the
-calibration and evaluation sets, which never share a sentence. The text depends on the Python
+calibration and evaluation sets, which never share a sentence, and `extra` more calibration
+sentences for the same evaluation set. The text depends on the Python
 version (its docstrings), which the bench tables record.
 
     python bench/text_data.py --out DIR --calibration 256 --evaluation 128
@@ -10,6 +11,7 @@ writes DIR/calibration/*.npz and DIR/evaluation/*.npz, one tokenized sentence pe
 length, no padding): the folder form of `--calibration-data`.
 """
 import argparse
+import functools
 import importlib
 import inspect
 import pkgutil
@@ -27,7 +29,13 @@ SKIP = ("test", "idlelib", "tkinter", "turtle", "this", "antigravity", "__", "li
 
 
 def stdlib_sentences() -> list[str]:
-    """Unique prose sentences of 6 to 40 words from the standard library's docstrings, in a fixed order."""
+    """Unique prose sentences of 6 to 40 words from the standard library's docstrings, in a fixed
+    order (collected once per process: importing the modules again can change a docstring)."""
+    return list(_stdlib_sentences())
+
+
+@functools.cache
+def _stdlib_sentences() -> tuple[str, ...]:
     seen, out = set(), []
     names = sorted(m.name for m in pkgutil.iter_modules() if m.module_finder.path.startswith(sys.prefix)
                    or m.module_finder.path.startswith(sys.base_prefix))
@@ -46,18 +54,23 @@ def stdlib_sentences() -> list[str]:
             if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", None) == name:
                 docs.append(inspect.getdoc(obj))
         for doc in docs:
-            for para in (doc or "").split("\n\n"):
-                text = " ".join(para.split())
-                if not text or ">>>" in text or "::" in text:
-                    continue
-                for s in SENTENCE.split(text):
-                    words = s.split()
-                    letters = sum(c.isalpha() or c == " " for c in s)
-                    if 6 <= len(words) <= 40 and s[0].isupper() and s[-1] in ".!?" and letters > 0.85 * len(s) \
-                            and s not in seen:
-                        seen.add(s)
-                        out.append(s)
-    return out
+            _prose(doc or "", seen, out)
+    return tuple(out)
+
+
+def _prose(doc: str, seen: set[str], out: list[str]) -> None:
+    """Append the new prose sentences of a text to out (paragraphs with code in them left out)."""
+    for para in doc.split("\n\n"):
+        text = " ".join(para.split())
+        if not text or ">>>" in text or "::" in text:
+            continue
+        for s in SENTENCE.split(text):
+            words = s.split()
+            letters = sum(c.isalpha() or c == " " for c in s)
+            if 6 <= len(words) <= 40 and s[0].isupper() and s[-1] in ".!?" and letters > 0.85 * len(s) \
+                    and s not in seen:
+                seen.add(s)
+                out.append(s)
 
 
 def split(n_calibration: int, n_evaluation: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -67,6 +80,22 @@ def split(n_calibration: int, n_evaluation: int, seed: int = 0) -> tuple[list[st
     if n_calibration + n_evaluation > len(sentences):
         raise SystemExit(f"only {len(sentences)} sentences here; asked for {n_calibration} + {n_evaluation}")
     return sentences[:n_calibration], sentences[n_calibration:n_calibration + n_evaluation]
+
+
+def extra(n_calibration: int, n_evaluation: int, count: int) -> list[str]:
+    """`count` more calibration sentences for split(n_calibration, n_evaluation), none in its
+    evaluation set: the standard library's sentences past both sets, then those of the Python
+    reference's topics (pydoc_data, the text `help()` shows)."""
+    from pydoc_data import topics
+
+    sentences = stdlib_sentences()
+    random.Random(0).shuffle(sentences)
+    seen, more = set(sentences), sentences[n_calibration + n_evaluation:]
+    for name in sorted(topics.topics):
+        _prose(topics.topics[name], seen, more)
+    if count > len(more):
+        raise SystemExit(f"only {len(more)} more sentences here; asked for {count}")
+    return more[:count]
 
 
 def tokenizer_path() -> Path:

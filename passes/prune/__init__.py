@@ -11,8 +11,8 @@ estimated loss (see `sensitivity` and `allocation`), kept where it measures bett
 every layer;
 `--prune 2:4` zeroes 2 of every 4 consecutive weights along the reduction axis (the pattern
 sparse tensor cores and TensorRT run), in every layer the budget allows, the most sensitive
-layers kept dense. Both prune by SparseGPT (sparse.py): with calibration data each layer's
-weights are refitted to its calibration inputs as they are removed; without, by magnitude. The
+layers kept dense. Both prune with calibration data by a mask search on each layer's calibration
+inputs and a least-squares refit of the weights kept (sparse.py); without, by magnitude. The
 plan found on the original model's activations is then pruned again stage by stage against the
 original model (teacher.py), and that is kept where it measures better.
 
@@ -101,9 +101,10 @@ class PrunePass(Pass):
         if ctx.prune == "unstructured" and hessians and self.options.adaptive:
             curves = sensitivity(model, sites, hessians, measure, rewrite, ctx)
             params = np.array([s.params for s in sites], np.float64)
+            present = [_reached(site_weight(graph.nodes[s.index], s)[0]) for s in sites]
 
             def allocate(target):
-                return {s.index: level for s, level in zip(sites, allocation(curves, params, target))}
+                return {s.index: level for s, level in zip(sites, allocation(curves, params, target, present))}
 
         if ctx.prune == "2:4":
             fit = fit_budget(model, sites, lambda m, chosen: rewrite(m, chosen, 0.5), measure, self.options.fallback)
@@ -273,13 +274,22 @@ def sensitivity(model, sites: list[Site], hessians: dict, measure: Measure, rewr
     return scaled
 
 
-def allocation(curves: np.ndarray, params: np.ndarray, target: float) -> list[float]:
+def _reached(w: np.ndarray) -> int:
+    """The highest of LEVELS whose zeros W [K, N] already has in every output (as many as pruning
+    at that level leaves), as an index."""
+    zeros = int(np.min(np.sum(w == 0, axis=0)))
+    return max(i for i, level in enumerate(LEVELS) if zeros >= round(w.shape[0] * level))
+
+
+def allocation(curves: np.ndarray, params: np.ndarray, target: float, present: list[int] | None = None) -> list[float]:
     """A level per layer whose parameter-weighted mean reaches `target` with the least summed
-    estimated loss: greedily the step with the least added loss per weight removed."""
-    levels = np.zeros(len(params), int)
+    estimated loss: greedily the step with the least added loss per weight removed. Each layer
+    starts from the level its zeros already reach (`present`, indices into LEVELS), so pruning a
+    pruned model again at the same target adds nothing."""
+    levels = np.zeros(len(params), int) if present is None else np.array(present, int)
     steps = np.diff(np.array(LEVELS))
     goal = target * params.sum()
-    removed = 0.0
+    removed = float(np.sum(params * np.array(LEVELS)[levels]))
     while removed < goal - 1e-9:
         room = levels < len(LEVELS) - 1
         if not room.any():
