@@ -11,8 +11,8 @@ C = Xs^T Xd (against its original inputs Xd).
 
 The teacher's target is Xd W. Its least-squares fit on the inputs the layer now gets is
 W* = H^-1 C W (damped toward W), and for any W', ||Xs W' - Xd W||^2 = ||Xs W' - Xs W*||^2 plus a
-constant: pruning W* by SparseGPT on H (sparse.py) with its exact refit solves the teacher's
-problem for the mask it picks. The first stage sees the original inputs, so W* = W there.
+constant: pruning W* on H (sparse.py) with its exact refit solves the teacher's problem for the
+mask it picks. The first stage sees the original inputs, so W* = W there.
 
 Where the layer's output is added to a residual R (a transformer block's output projection and
 FFN down-projection), what the block passes on is Xs W' + Rs against the teacher's Xd W + Rd:

@@ -1,5 +1,6 @@
-"""prune: SparseGPT pruning (unstructured and 2:4) with exact zero counts, the 2:4 pattern on every
-pruned weight, reconstruction against none, the budget, and the usage errors."""
+"""prune: unstructured and 2:4 pruning (the searched mask, SparseGPT, the refit) with exact zero
+counts, the 2:4 pattern on every pruned weight, reconstruction against none, the budget, and the
+usage errors."""
 
 import numpy as np
 import onnx
@@ -44,7 +45,7 @@ def weights(model) -> dict[str, np.ndarray]:
     return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-# ---------------------------------------------------------------------------------- SparseGPT
+# ---------------------------------------------------------------------------------- masks and refit
 
 
 def correlated(k=64, n=48, rows=512, seed=0):
