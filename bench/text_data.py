@@ -3,8 +3,8 @@ standard library (every machine has them), tokenized with all-MiniLM-L6-v2's Wor
 
 The sentences are collected in a fixed order and shuffled with a fixed seed; `split` gives the
 calibration and evaluation sets, which never share a sentence, and `extra` more calibration
-sentences for the same evaluation set. The text depends on the Python
-version (its docstrings), which the bench tables record.
+sentences for the same evaluation set. The text depends on the Python version (its docstrings),
+which the bench tables record.
 
     python bench/text_data.py --out DIR --calibration 256 --evaluation 128
 writes DIR/calibration/*.npz and DIR/evaluation/*.npz, one tokenized sentence per file (its own
@@ -30,7 +30,8 @@ SKIP = ("test", "idlelib", "tkinter", "turtle", "this", "antigravity", "__", "li
 
 def stdlib_sentences() -> list[str]:
     """Unique prose sentences of 6 to 40 words from the standard library's docstrings, in a fixed
-    order (collected once per process: importing the modules again can change a docstring)."""
+    order (collected once per process: a second collection in one process found one sentence
+    more, the modules imported by the first changing what the second sees)."""
     return list(_stdlib_sentences())
 
 
