@@ -76,11 +76,16 @@ def _prose(doc: str, seen: set[str], out: list[str]) -> None:
 
 def split(n_calibration: int, n_evaluation: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint calibration and evaluation sentences."""
-    sentences = stdlib_sentences()
-    random.Random(seed).shuffle(sentences)
+    sentences = _shuffled(seed)
     if n_calibration + n_evaluation > len(sentences):
         raise SystemExit(f"only {len(sentences)} sentences here; asked for {n_calibration} + {n_evaluation}")
     return sentences[:n_calibration], sentences[n_calibration:n_calibration + n_evaluation]
+
+
+def _shuffled(seed: int) -> list[str]:
+    sentences = stdlib_sentences()
+    random.Random(seed).shuffle(sentences)
+    return sentences
 
 
 def extra(n_calibration: int, n_evaluation: int, count: int) -> list[str]:
@@ -89,8 +94,7 @@ def extra(n_calibration: int, n_evaluation: int, count: int) -> list[str]:
     reference's topics (pydoc_data, the text `help()` shows)."""
     from pydoc_data import topics
 
-    sentences = stdlib_sentences()
-    random.Random(0).shuffle(sentences)
+    sentences = _shuffled(0)
     seen, more = set(sentences), sentences[n_calibration + n_evaluation:]
     for name in sorted(topics.topics):
         _prose(topics.topics[name], seen, more)

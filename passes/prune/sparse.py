@@ -51,7 +51,7 @@ def prune(w: np.ndarray, h: np.ndarray | None, sparsity: float = 0.0,
     if h is None:
         return magnitude(w, sparsity, n_m)
     k, n = w.shape
-    removed = int(round(k * sparsity)) if n_m is None else k * n_m[0] // n_m[1]
+    removed = _removed(k, sparsity, n_m)
     refits = n * float(min(removed, k - removed)) ** 3 <= SOLVE_FLOPS
     if solve and refits and SEARCH_STEPS * 2.0 * k * k * n <= ADMM_FLOPS:
         mask = search(w, h, sparsity, n_m)
@@ -142,17 +142,13 @@ def search(w: np.ndarray, h: np.ndarray, sparsity: float = 0.0, n_m: tuple[int, 
     w0 = np.where(dead[:, None], 0.0, w.astype(np.float64) * scale[:, None])
     hw = hh @ w0
     z, u = w0.copy(), np.zeros_like(w0)
-    final = int(round(k * sparsity)) if n_m is None else None
+    final = _removed(k, sparsity, n_m)
     for step in range(SEARCH_STEPS):
         rho = RHO * RHO_GROWTH ** step
         fit = q @ ((q.T @ (hw + rho * (z - u))) / (lam + rho)[:, None])
         v = fit + u
         reached = min(1.0, (step + 1) / (RAMP * SEARCH_STEPS))
-        if n_m is None:
-            candidates = np.ones((k, n), bool)
-        else:
-            candidates = magnitude(v, n_m=n_m)[1]
-            final = int(candidates.sum(axis=0).max())
+        candidates = np.ones((k, n), bool) if n_m is None else magnitude(v, n_m=n_m)[1]
         drop = int(round(final * (1.0 - (1.0 - reached) ** 3)))  # fast at first, slow near the level
         order = np.argsort(np.where(candidates, v * v, np.inf), axis=0, kind="stable")[:drop]
         mask = np.zeros((k, n), bool)
@@ -160,6 +156,15 @@ def search(w: np.ndarray, h: np.ndarray, sparsity: float = 0.0, n_m: tuple[int, 
         z = np.where(mask, 0.0, v)
         u += fit - z
     return mask
+
+
+def _removed(k: int, sparsity: float, n_m: tuple[int, int] | None) -> int:
+    """How many of an output's K weights go: a fraction, or n of every m (n * len // m of a last,
+    shorter group)."""
+    if n_m is None:
+        return int(round(k * sparsity))
+    n, m = n_m
+    return n * (k // m) + n * (k % m) // m
 
 
 def magnitude(w: np.ndarray, sparsity: float = 0.0,

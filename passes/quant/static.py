@@ -56,7 +56,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import STANDARD_DOMAINS, Names, values
+from onnxopt.graph import STANDARD_DOMAINS, Names, producer, values
 from onnxopt.passes.fold import per_channel
 
 from .calib import gptq_columns, inverse_factor
@@ -112,9 +112,9 @@ def _hard_swish(mul: gs.Node) -> bool:
 
 def _zero_one(t: gs.Tensor) -> bool:
     """t is a bool cast to float (through a Reshape): a 0/1 factor."""
-    node = t.inputs[0] if t.inputs else None
+    node = producer(t)
     if node is not None and node.op == "Reshape":
-        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        node = producer(node.inputs[0])
     return node is not None and node.op == "Cast" and node.inputs[0].dtype is not None \
         and np.dtype(node.inputs[0].dtype) == np.bool_
 
