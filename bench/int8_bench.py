@@ -6,7 +6,7 @@ RTN; it needs the onnx-ir package, installed with the bench requirements).
 
 Text: sentences from the standard library's docstrings (bench/text_data.py), tokenized with the
 model's tokenizer: 256 calibration sentences given to onnxopt as a folder (`--calibration-data`;
-onnxopt holds back its last quarter for its own budget check), and 128 other sentences for the
+onnxopt holds back its last quarter, at most 64, for its own budget check), and 128 other sentences for the
 evaluation here, which no tool sees.
 
 Per model and tool: file size against the float model; fidelity on the evaluation sentences

@@ -6,8 +6,8 @@ with one sparsity for all layers; and by magnitude without them), at the largest
 inside --min-cosine 0.99, and 2:4 in every layer the budget allows. `--extra-calibration N`
 adds N calibration sentences (text_data.extra) with the evaluation sentences unchanged.
 
-Calibration: docstring sentences (bench/text_data.py, MiniLM's tokenizer); onnxopt holds back a
-quarter of them for its own budget check. Fidelity is measured on separate evaluation sentences
+Calibration: docstring sentences (bench/text_data.py, MiniLM's tokenizer); onnxopt holds back the
+last quarter of them, at most 64, for its own budget check. Fidelity is measured on separate evaluation sentences
 none of the runs sees: the sentence embedding's cosine against the float model (mean and worst)
 and nearest-neighbour agreement among them. Size: the file compressed with zlib (level 6)
 against the float model's, since zeros in dense tensors only shrink a compressed file. No
@@ -101,7 +101,7 @@ def main():
     env = rb.environment(sys.argv)
     lines = ["# Unstructured and 2:4 pruning on MiniLM with real text", "",
              f"Command: `{env['command']}`  ", f"Machine: {env['cpu']}, {env['nproc']} cores", "",
-             f"{len(calib_text)} calibration sentences (a quarter held back for the budget check"
+             f"{len(calib_text)} calibration sentences (the last quarter, at most 64, held back for the budget check"
              + (f"; {args.extra_calibration} of them from text_data.extra" if args.extra_calibration else "") + "), "
              f"{args.evaluation} separate evaluation sentences. Sparsity: zeros among the pruned layers' "
              "weights and the dense ones. Size: zlib-compressed file against the float model's.", "",

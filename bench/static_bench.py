@@ -5,8 +5,8 @@ needs).
 
 Data (bench/ocr_data.py): text lines and pages drawn from standard-library sentences,
 preprocessed as PaddleOCR does; calibration and evaluation images use different sentences. Both
-tools calibrate on the same calibration images (onnxopt holds back a quarter of them for its own
-budget check); fidelity is measured on the evaluation images, which neither sees:
+tools calibrate on the same calibration images (onnxopt holds back the last quarter of them, at most
+64, for its own budget check); fidelity is measured on the evaluation images, which neither sees:
 - ppocr_rec: per-position argmax agreement with the float model, and whole-line agreement;
 - ppocr_cls: argmax agreement;
 - ppocr_det: text-map agreement (pixels where probability > 0.3, PaddleOCR's threshold, that
@@ -163,9 +163,10 @@ def main():
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if k in ("onnxruntime", "onnx", "numpy")),
              "- onnxopt: `--passes fold,cleanup,fuse,quant --quant static --calibration-data DIR` (default "
              "budget 0.99: every output's cosine, and the argmax agreement of a Softmax output with the original's "
-             "close calls aside, on the held-back quarter of the calibration samples; `--min-agreement A`: that "
-             "agreement with every change counted at least A); the float row is the same run without quant (what the "
-             "fusions alone give); quantize_static: QDQ, per-channel, MinMax, uint8 activations, int8 weights",
+             "close calls aside, on the held-back quarter (at most 64) of the calibration samples; "
+             "`--min-agreement A`: that agreement with every change counted at least A); the float row is the "
+             "same run without quant (what the fusions alone give); quantize_static: QDQ, per-channel, MinMax, "
+             "uint8 activations, int8 weights",
              "- samples (calibration / evaluation): " + ", ".join(
                  f"{m} {v[3]} / {v[4]}" for m, v in MODELS.items()),
              "- agreement: rec, per output position's argmax (every change counted); cls and mobilenet, argmax; "

@@ -3,8 +3,8 @@
 on MiniLM (both exports, real text) and the PP-OCRv4 recognizer (rendered text lines).
 
 MiniLM: `--passes fold,cleanup,fuse,prune --prune structured --min-cosine C` for a sweep of
-budgets, calibrated on docstring sentences (bench/text_data.py; onnxopt holds back a quarter for
-its budget check), prune + `--quant dynamic` with --min-cosine 0.96 (beside dynamic INT8 alone,
+budgets, calibrated on docstring sentences (bench/text_data.py; onnxopt holds back the last quarter,
+at most 64, for its budget check), prune + `--quant dynamic` with --min-cosine 0.96 (beside dynamic INT8 alone,
 and onnxruntime's quantize_dynamic on the 0.95-pruned model, the issue's reference), the same
 with `--max-opset 23` (fuse writes the standard Attention of opset 23, which onnxruntime runs
 faster than its MultiHeadAttention or the unfused score path when there is a mask, and hides the
@@ -208,8 +208,8 @@ def write(rows, args, kept_from=None):
     lines += [
              f"- machine: {env['cpu']}, nproc={env['nproc']}; Python {env['python']}; "
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
-             f"- MiniLM: {args.calibration} calibration sentences (onnxopt holds back a quarter for its budget "
-             f"check, 64 of them measured), {args.evaluation} separate evaluation sentences; fidelity = sentence "
+             f"- MiniLM: {args.calibration} calibration sentences (onnxopt holds back the last quarter, at most 64, "
+             f"for its budget check), {args.evaluation} separate evaluation sentences; fidelity = sentence "
              "embedding cosine against the float model on those; token cosine: last_hidden_state's mean cosine "
              "(the output the --min-cosine budget binds: the budget holds for every output, and the per-token "
              "states lose more than their pooled sentence embedding); latency at 128 tokens",

@@ -29,7 +29,6 @@ __all__ = ["optimize", "Result", "Pass", "Context", "registry", "OnnxoptError", 
 __version__ = "0.1.0"
 
 VERIFY_MODES = ("none", "final", "each")
-MAX_EVALUATION_SAMPLES = 64  # held-out calibration samples the budget and the final check are measured on
 LOSSY_BUDGETS = {"fp16": 0.999, "mixed": 0.999, "int4": 0.98}  # default --min-cosine per quant mode (else 0.99)
 
 
@@ -174,8 +173,6 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
             made_up = [n for n in evaluation[0] if n not in given] if given is not None and evaluation else []
             if made_up:
                 notes.append(f"inputs: no values for {', '.join(made_up)} in the given inputs: generated")
-    else:  # real data held back from calibration verifies better than generated inputs
-        evaluation = evaluation[:MAX_EVALUATION_SAMPLES]
     budget = min_cosine if min_cosine is not None else LOSSY_BUDGETS.get(quant, 0.99)
     check = _Checker(verify, evaluation, in_path, proto, say, budget, write_over_budget, min_agreement)
     if min_agreement is not None and not check.argmax:

@@ -308,12 +308,16 @@ def run_samples(path: str, samples: list[dict[str, np.ndarray]]) -> list[dict[st
     return results
 
 
+MAX_EVALUATION_SAMPLES = 64  # held-out calibration samples the budget and the final check are measured on
+
+
 def split_samples(samples: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Calibration data as (calibration, evaluation): the last quarter (at least one sample) is held
-    back for measuring the error; a single sample serves both."""
+    """Calibration data as (calibration, evaluation): the last quarter (at least one sample, at most
+    MAX_EVALUATION_SAMPLES) is held back for measuring the error, and everything else calibrates;
+    a single sample serves both."""
     if len(samples) < 2:
         return samples, samples
-    held = max(1, len(samples) // 4)
+    held = min(MAX_EVALUATION_SAMPLES, max(1, len(samples) // 4))
     return samples[:-held], samples[-held:]
 
 

@@ -381,12 +381,15 @@ def test_an_optimized_model_onnxruntime_cannot_load_is_a_verification_error(monk
         onnxopt.optimize(m, passes=["cleanup"], verify="final")
 
 
-def test_split_samples_holds_back_the_last_quarter():
+def test_split_samples_holds_back_the_last_quarter_at_most_64():
     samples = [{"x": np.full(1, i)} for i in range(9)]
     calibration, evaluation = verify.split_samples(samples)
     assert [int(s["x"][0]) for s in calibration] == list(range(7))
     assert [int(s["x"][0]) for s in evaluation] == [7, 8]
     assert verify.split_samples(samples[:1]) == (samples[:1], samples[:1])  # one sample serves both
+    many = [{"x": np.full(1, i)} for i in range(1000)]  # the checks measure on 64: the rest calibrates
+    calibration, evaluation = verify.split_samples(many)
+    assert len(calibration) == 936 and [int(s["x"][0]) for s in evaluation] == list(range(936, 1000))
 
 
 def test_compare_samples_averages_cosines_and_keeps_the_worst():
