@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -52,7 +53,7 @@ def tapped(model, names: list[str]) -> Iterator[Callable[[dict], dict[str, np.nd
         yield run
 
 
-CACHE_BYTES = 1 << 30  # Forward keeps at most this many bytes of activations over all samples
+CACHE_BYTES = 1 << 30  # Forward keeps at most this many bytes of activations in memory over all samples
 
 
 class Forward:
@@ -64,14 +65,19 @@ class Forward:
     sites, which are never upstream of the tensors a step is asked for). The same kernels run as
     in a whole-model run, so the values are the same.
 
-    Kept values past CACHE_BYTES (large feature maps over many samples), or a graph whose nodes
-    hold subgraphs (which read outer values unseen), and each step runs from the graph inputs."""
+    Values past CACHE_BYTES in memory (large feature maps, or many samples) go to a temporary
+    file, one per step, read back a sample at a time and deleted once no node left reads them.
+    A graph whose nodes hold subgraphs (which read outer values unseen) runs each step from the
+    graph inputs."""
 
     def __init__(self, samples: list[dict], limit: int = CACHE_BYTES):
         self.samples, self.limit = samples, limit
         self.kept: list[dict] | None = [{} for _ in samples]  # per sample: tensor name -> value
         self.done: set[int] = set()  # positions in graph.nodes run by earlier steps
         self.open = False  # a step has started and not yet done its bookkeeping
+        self.size = 0  # bytes of kept values in memory
+        self.disk: tempfile.TemporaryDirectory | None = None  # the spill files
+        self.files: list[Path] = []  # spill files that kept values may still point into
 
     def step(self, model, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
         """Yield {name: value} per sample, in the samples' order. The bookkeeping is done before
@@ -80,7 +86,7 @@ class Forward:
         kept values partial, and the next step starts over from the graph inputs."""
         graph = model.graph
         if self.open or (self.kept is not None and any(True for n in graph.nodes for _ in subgraphs(n))):
-            self.kept = None
+            self._drop()
         self.open = False
         if self.kept is None:
             with tapped(model, names) as run:
@@ -102,7 +108,7 @@ class Forward:
                 todo.extend(graph.nodes[i].inputs)
         if not segment:
             for feeds, kept in zip(self.samples, self.kept):
-                yield {n: kept[n] if n in kept else feeds[n] for n in names}
+                yield {n: _load(kept[n]) if n in kept else feeds[n] for n in names}
             return
         run_nodes = [graph.nodes[i] for i in sorted(segment)]
         read = {t.name for n in run_nodes for t in n.inputs if t.name in have}
@@ -130,31 +136,85 @@ class Forward:
             session = verification.reference_session(
                 verification.write_for_runtime(export_model(sub), tmp, consume=True))
             del sub
-            size = sum(v.nbytes for kept in self.kept for v in kept.values())
             self.open = True
-            for k, (feeds, kept) in enumerate(zip(self.samples, self.kept)):
-                values = {**feeds, **kept}
-                got = dict(zip(outputs, session.run(outputs, {n: values[n] for n in inputs})))
-                if size <= self.limit:  # past it, nothing more is kept and later steps start over
-                    kept.update(got)
-                    size += sum(v.nbytes for v in got.values())
-                result = {n: got[n] if n in got else values[n] for n in names}
-                if k == len(self.samples) - 1:
-                    self._finish(graph, segment, size)
-                yield result
+            spill = None
+            try:
+                for k, (feeds, kept) in enumerate(zip(self.samples, self.kept)):
+                    values = {n: _load(kept[n]) if n in kept else feeds[n] for n in set(inputs) | set(names)
+                              if n in kept or n in feeds}
+                    got = dict(zip(outputs, session.run(outputs, {n: values[n] for n in inputs})))
+                    for name, v in got.items():
+                        if self.size + v.nbytes <= self.limit:
+                            kept[name] = v
+                            self.size += v.nbytes
+                        else:
+                            if spill is None:
+                                spill = self._spill_file()
+                            kept[name] = _OnDisk.write(spill, v)
+                    result = {n: got[n] if n in got else values[n] for n in names}
+                    if k == len(self.samples) - 1:
+                        if spill is not None:
+                            spill.close()
+                            spill = None
+                        self._finish(graph, segment)
+                    yield result
+            finally:
+                if spill is not None:
+                    spill.close()
 
-    def _finish(self, graph, segment: set[int], size: int) -> None:
+    def _spill_file(self):
+        if self.disk is None:
+            self.disk = tempfile.TemporaryDirectory(prefix="onnxopt-forward-")
+        path = Path(self.disk.name) / f"{len(self.files)}.bin"
+        self.files.append(path)
+        return open(path, "wb")
+
+    def _finish(self, graph, segment: set[int]) -> None:
         """After a step: its nodes are done, and only values that nodes not run yet read stay
-        kept (none, once past the limit)."""
+        kept; spill files nothing kept points into any more are deleted."""
         self.open = False
-        if size > self.limit:
-            self.kept = None
-            return
         self.done |= segment
         wanted = {t.name for i, n in enumerate(graph.nodes) if i not in self.done for t in n.inputs}
+        used = set()
         for kept in self.kept:
             for name in [n for n in kept if n not in wanted]:
-                del kept[name]
+                v = kept.pop(name)
+                if isinstance(v, np.ndarray):
+                    self.size -= v.nbytes
+            used.update(str(v.path) for v in kept.values() if isinstance(v, _OnDisk))
+        for path in self.files:
+            if str(path) not in used:
+                path.unlink(missing_ok=True)
+        self.files = [p for p in self.files if str(p) in used]
+
+    def _drop(self) -> None:
+        """Nothing kept any more: every later step runs from the graph inputs."""
+        self.kept, self.size, self.files = None, 0, []
+        if self.disk is not None:
+            self.disk.cleanup()
+            self.disk = None
+
+
+class _OnDisk:
+    """A kept value in a spill file: where its bytes are, read back on demand."""
+    __slots__ = ("path", "offset", "shape", "dtype")
+
+    def __init__(self, path: Path, offset: int, shape: tuple, dtype: np.dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
+
+    @classmethod
+    def write(cls, f, v: np.ndarray) -> "_OnDisk":
+        offset = f.tell()
+        f.write(np.ascontiguousarray(v).tobytes())
+        return cls(Path(f.name), offset, v.shape, v.dtype)
+
+    def read(self) -> np.ndarray:
+        count = int(np.prod(self.shape, dtype=np.int64))
+        return np.fromfile(self.path, self.dtype, count, offset=self.offset).reshape(self.shape)
+
+
+def _load(v):
+    return v.read() if isinstance(v, _OnDisk) else v
 
 
 def channel_rows(x: np.ndarray, limit: int = 4096) -> np.ndarray:

@@ -2,6 +2,8 @@
 counts, the 2:4 pattern on every pruned weight, reconstruction against none, the budget, and the
 usage errors."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx.helper as oh
@@ -365,7 +367,9 @@ def skip_chain() -> onnx.ModelProto:
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
 
 
-# 20000 bytes: the second step's values pass the limit at its third sample of four
+# 20000 bytes: two of the 8 KB values fit (the second step's first sample's h and r; at the last
+# step, once they are no longer read, the first sample's z2); past the limit values go to a spill
+# file, one per step
 @pytest.mark.parametrize("limit", [1 << 30, 0, 20000])
 def test_forward_steps_give_the_whole_runs_values_as_weights_change(limit):
     import onnx_graphsurgeon as gs
@@ -392,10 +396,30 @@ def test_forward_steps_give_the_whole_runs_values_as_weights_change(limit):
         if then_change:  # as teacher.py prunes a stage once its inputs are in
             w = nodes[then_change].inputs[1]
             nodes[then_change].inputs[1] = gs.Constant(w.name, np.where(np.abs(w.values) < 0.5, 0, w.values))
-    if limit > 20000:  # only what fc3, not run yet, reads is still kept
-        assert all(f.kept is not None and all(set(kept) == {"z2"} for kept in f.kept) for f in (fw, beside))
-    else:  # past the limit each step runs from the graph inputs
-        assert fw.kept is None and beside.kept is None
+    # only what fc3, not run yet, reads is still kept
+    assert all(f.kept is not None and all(set(kept) == {"z2"} for kept in f.kept) for f in (fw, beside))
+    on_disk = [sum(not isinstance(kept["z2"], np.ndarray) for kept in f.kept) for f in (fw, beside)]
+    assert on_disk == {1 << 30: [0, 0], 0: [4, 4], 20000: [3, 3]}[limit]
+    for f in (fw, beside):  # the spill files of values no node reads any more are gone
+        files = sorted(p.name for p in Path(f.disk.name).iterdir()) if f.disk else []
+        assert files == {1 << 30: [], 0: ["2.bin"], 20000: ["2.bin"]}[limit]
+
+
+def test_a_forward_step_left_early_makes_later_steps_start_from_the_inputs():
+    from onnxopt.graph import import_model
+    from onnxopt.passes.quant.calib import Forward, tapped
+
+    model, data = import_model(skip_chain()), samples(4)
+    fw = Forward(data, 0)  # every value spilled
+    list(fw.step(model, ["r"]))
+    spill = Path(fw.disk.name)
+    assert [p.name for p in spill.iterdir()] == ["0.bin"]
+    for _, _ in zip(range(2), fw.step(model, ["y2"])):  # two samples of four, then left
+        pass
+    got = list(fw.step(model, ["z2"]))
+    assert fw.kept is None and fw.disk is None and not spill.exists()  # kept values and spill files dropped
+    with tapped(model, ["z2"]) as run:
+        assert all(np.array_equal(g["z2"], run(feeds)["z2"]) for g, feeds in zip(got, data))
 
 
 def test_inside_a_budget_stage_by_stage_pruning_prunes_further():
