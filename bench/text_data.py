@@ -3,14 +3,15 @@ standard library (every machine has them), tokenized with all-MiniLM-L6-v2's Wor
 
 The sentences are collected in a fixed order and shuffled with a fixed seed; `split` gives the
 calibration and evaluation sets, which never share a sentence, and `extra` more calibration
-sentences for the same evaluation set. The text depends on the Python version (its docstrings),
-which the bench tables record.
+sentences for the same evaluation set. The text depends on the Python version (its docstrings)
+and, for `extra`'s last source, numpy's, which the bench tables record.
 
     python bench/text_data.py --out DIR --calibration 256 --evaluation 128
 writes DIR/calibration/*.npz and DIR/evaluation/*.npz, one tokenized sentence per file (its own
 length, no padding): the folder form of `--calibration-data`.
 """
 import argparse
+import ast
 import functools
 import importlib
 import inspect
@@ -18,6 +19,7 @@ import pkgutil
 import random
 import re
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -74,6 +76,29 @@ def _prose(doc: str, seen: set[str], out: list[str]) -> None:
                 out.append(s)
 
 
+def source_sentences(root: Path, seen: set[str], out: list[str]) -> None:
+    """Append the new prose sentences of every docstring in the Python files under root, read with
+    `ast` (nothing is imported, so nothing runs), in path order; test suites, GUI code and the
+    site-packages folder left out, as numpydoc's section headers (a line of dashes under a title)."""
+    for path in sorted(root.rglob("*.py")):
+        parts = [p for p in path.relative_to(root).parts if p != "__init__.py"]
+        if any(p.startswith(SKIP) or p in ("tests", "site-packages", "turtledemo") for p in parts):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError):  # a file of another Python version or encoding
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node) or ""
+                _prose("\n\n".join(p for p in doc.split("\n\n") if not _section(p)), seen, out)
+
+
+def _section(para: str) -> bool:
+    """A numpydoc section ("Returns\n-------\n..."): its parameters and types are not prose."""
+    return any(len(line) > 2 and set(line) <= set("-=") for line in map(str.strip, para.splitlines()))
+
+
 def split(n_calibration: int, n_evaluation: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint calibration and evaluation sentences."""
     sentences = _shuffled(seed)
@@ -90,14 +115,22 @@ def _shuffled(seed: int) -> list[str]:
 
 def extra(n_calibration: int, n_evaluation: int, count: int) -> list[str]:
     """`count` more calibration sentences for split(n_calibration, n_evaluation), none in its
-    evaluation set: the standard library's sentences past both sets, then those of the Python
-    reference's topics (pydoc_data, the text `help()` shows)."""
+    evaluation set, from four sources in turn, each read only as far as `count` needs:
+    1. the standard library's sentences past both sets;
+    2. those of the Python reference's topics (pydoc_data, the text `help()` shows);
+    3. the rest of the standard library's docstrings (methods, nested functions and modules that
+       do not import here), read from its source files;
+    4. numpy's docstrings, read from its source files."""
     from pydoc_data import topics
 
     sentences = _shuffled(0)
     seen, more = set(sentences), sentences[n_calibration + n_evaluation:]
     for name in sorted(topics.topics):
         _prose(topics.topics[name], seen, more)
+    for root in (Path(sysconfig.get_paths()["stdlib"]), Path(np.__file__).parent):
+        if count <= len(more):
+            break
+        source_sentences(root, seen, more)
     if count > len(more):
         raise SystemExit(f"only {len(more)} more sentences here; asked for {count}")
     return more[:count]
