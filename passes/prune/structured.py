@@ -322,32 +322,33 @@ def refit_to_teacher(model, teacher, groups: list[Group], samples: list[dict]) -
     at = {g.refit[0]: g for g in groups  # a consumer whose outputs another group cut is left as it is
           if g.refit is not None and _augmented(graph, g).shape[1] == _augmented(teacher.graph, g).shape[1]}
     position = {id(n): i for i, n in enumerate(graph.nodes)}
-    student, original = Forward(samples), Forward(samples)
-    for stage in stages(graph, [_Site(i) for i in at]):
-        todo = [at[s.index] for s in stage]
-        skips = [residual(graph, g.refit[0], position) for g in todo]
-        grams = []
-        for g, skip in zip(todo, skips):  # Xs^T of the teacher's outputs [Xd 1] [W; b] (plus the drift
-            # of what the output is added to, which the refit may take up) is all the fit needs
-            t = _augmented(teacher.graph, g)
-            grams.append(Gram(FLUSH_ROWS, np.vstack([t, np.eye(t.shape[1])]) if skip else t))
-        wanted = sorted({g.reads for g in todo} | {r for r in skips if r})
-        for now, then in zip(student.step(model, wanted), original.step(teacher, wanted)):
-            for g, gram, skip in zip(todo, grams, skips):
-                axis = channel_axis(g)
-                a, b = (channel_rows(_rows(x[g.reads], axis), 1 << 16) for x in (now, then))
-                if g.refit[1] is not None:
-                    a, b = (np.hstack([r, np.ones((len(r), 1), r.dtype)]) for r in (a, b))
-                if skip:
-                    b = np.hstack([b, channel_rows(_rows(then[skip], axis), 1 << 16)
-                                   - channel_rows(_rows(now[skip], axis), 1 << 16)])
-                gram.add(a, b)
-        for g, gram in zip(todo, grams):
-            h, c = gram.total()
-            w = _augmented(graph, g)
-            hh = _damped(h)
-            new = np.linalg.solve(hh, c + (hh - h) @ w)
-            _write_consumer(graph, g, *((new[:-1], new[-1]) if g.refit[1] is not None else (new, None)), _Put(graph))
+    with Forward(samples) as student, Forward(samples) as original:
+        for stage in stages(graph, [_Site(i) for i in at]):
+            todo = [at[s.index] for s in stage]
+            skips = [residual(graph, g.refit[0], position) for g in todo]
+            grams = []
+            for g, skip in zip(todo, skips):  # Xs^T of the teacher's outputs [Xd 1] [W; b] (plus the drift
+                # of what the output is added to, which the refit may take up) is all the fit needs
+                t = _augmented(teacher.graph, g)
+                grams.append(Gram(FLUSH_ROWS, np.vstack([t, np.eye(t.shape[1])]) if skip else t))
+            wanted = sorted({g.reads for g in todo} | {r for r in skips if r})
+            for now, then in zip(student.step(model, wanted), original.step(teacher, wanted)):
+                for g, gram, skip in zip(todo, grams, skips):
+                    axis = channel_axis(g)
+                    a, b = (channel_rows(_rows(x[g.reads], axis), 1 << 16) for x in (now, then))
+                    if g.refit[1] is not None:
+                        a, b = (np.hstack([r, np.ones((len(r), 1), r.dtype)]) for r in (a, b))
+                    if skip:
+                        b = np.hstack([b, channel_rows(_rows(then[skip], axis), 1 << 16)
+                                       - channel_rows(_rows(now[skip], axis), 1 << 16)])
+                    gram.add(a, b)
+            for g, gram in zip(todo, grams):
+                h, c = gram.total()
+                w = _augmented(graph, g)
+                hh = _damped(h)
+                new = np.linalg.solve(hh, c + (hh - h) @ w)
+                parts = (new[:-1], new[-1]) if g.refit[1] is not None else (new, None)  # weight, bias
+                _write_consumer(graph, g, *parts, _Put(graph))
     return len(at)
 
 

@@ -88,24 +88,24 @@ def prune_sequential(model, teacher, sites: list, levels: dict, n_m, samples: li
     each over the samples, not two per stage."""
     nodes = model.graph.nodes
     active = [s for s in sites if levels.get(s.index, 0.0) > 0]
-    student, original = Forward(samples), Forward(samples)
     at = {id(n): i for i, n in enumerate(nodes)}
-    for group in stages(model.graph, active):
-        skips = {s.index: residual(model.graph, s.index, at) for s in group}
-        wanted = sorted({nodes[s.index].inputs[0].name for s in group} | {r for r in skips.values() if r})
-        grams = {s.index: Gram() for s in group}
-        for now, then in zip(student.step(model, wanted), original.step(teacher, wanted)):
+    with Forward(samples) as student, Forward(samples) as original:
+        for group in stages(model.graph, active):
+            skips = {s.index: residual(model.graph, s.index, at) for s in group}
+            wanted = sorted({nodes[s.index].inputs[0].name for s in group} | {r for r in skips.values() if r})
+            grams = {s.index: Gram() for s in group}
+            for now, then in zip(student.step(model, wanted), original.step(teacher, wanted)):
+                for site in group:
+                    x, skip = nodes[site.index].inputs[0].name, skips[site.index]
+                    a, b = channel_rows(now[x], ROWS), channel_rows(then[x], ROWS)
+                    if skip:
+                        b = np.hstack([b, channel_rows(then[skip], ROWS) - channel_rows(now[skip], ROWS)])
+                    grams[site.index].add(a, b)
             for site in group:
-                x, skip = nodes[site.index].inputs[0].name, skips[site.index]
-                a, b = channel_rows(now[x], ROWS), channel_rows(then[x], ROWS)
-                if skip:
-                    b = np.hstack([b, channel_rows(then[skip], ROWS) - channel_rows(now[skip], ROWS)])
-                grams[site.index].add(a, b)
-        for site in group:
-            node = nodes[site.index]
-            h, c = grams[site.index].total()
-            w, _ = weight_of(node, site)
-            k = w.shape[0]
-            target = teacher_weight(w, h, c[:, :k], c[:, k:] if skips[site.index] else None)
-            pruned, _ = sparse.prune(target, h, levels[site.index], n_m)
-            put(node, site, pruned)
+                node = nodes[site.index]
+                h, c = grams[site.index].total()
+                w, _ = weight_of(node, site)
+                k = w.shape[0]
+                target = teacher_weight(w, h, c[:, :k], c[:, k:] if skips[site.index] else None)
+                pruned, _ = sparse.prune(target, h, levels[site.index], n_m)
+                put(node, site, pruned)

@@ -190,9 +190,19 @@ class Forward:
     def _drop(self) -> None:
         """Nothing kept any more: every later step runs from the graph inputs."""
         self.kept, self.size, self.files = None, 0, []
+        self.close()
+
+    def close(self) -> None:
+        """Delete the spill files (a `with` block does it on leaving)."""
         if self.disk is not None:
             self.disk.cleanup()
             self.disk = None
+
+    def __enter__(self) -> "Forward":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _OnDisk:

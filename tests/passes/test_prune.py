@@ -403,6 +403,9 @@ def test_forward_steps_give_the_whole_runs_values_as_weights_change(limit):
     for f in (fw, beside):  # the spill files of values no node reads any more are gone
         files = sorted(p.name for p in Path(f.disk.name).iterdir()) if f.disk else []
         assert files == {1 << 30: [], 0: ["2.bin"], 20000: ["2.bin"]}[limit]
+        spill = Path(f.disk.name) if f.disk else None
+        f.close()  # as leaving teacher.py's `with` block does
+        assert f.disk is None and (spill is None or not spill.exists())
 
 
 def test_a_forward_step_left_early_makes_later_steps_start_from_the_inputs():
