@@ -78,8 +78,9 @@ def _prose(doc: str, seen: set[str], out: list[str]) -> None:
 
 def source_sentences(root: Path, seen: set[str], out: list[str]) -> None:
     """Append the new prose sentences of every docstring in the Python files under root, read with
-    `ast` (nothing is imported, so nothing runs), in path order; test suites, GUI code and the
-    site-packages folder left out, as numpydoc's section headers (a line of dashes under a title)."""
+    `ast` (nothing is imported, so nothing runs), in path order. Test suites, GUI code and the
+    site-packages folder are left out, and so are numpydoc's sections (a title underlined with
+    dashes, then parameters and types)."""
     for path in sorted(root.rglob("*.py")):
         parts = [p for p in path.relative_to(root).parts if p != "__init__.py"]
         if any(p.startswith(SKIP) or p in ("tests", "site-packages", "turtledemo") for p in parts):
