@@ -78,6 +78,7 @@ class Forward:
         self.size = 0  # bytes of kept values in memory
         self.disk: tempfile.TemporaryDirectory | None = None  # the spill files
         self.files: list[Path] = []  # spill files that kept values may still point into
+        self.spills = 0  # spill files made so far
 
     def step(self, model, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
         """Yield {name: value} per sample, in the samples' order. The bookkeeping is done before
@@ -165,7 +166,8 @@ class Forward:
     def _spill_file(self):
         if self.disk is None:
             self.disk = tempfile.TemporaryDirectory(prefix="onnxopt-forward-")
-        path = Path(self.disk.name) / f"{len(self.files)}.bin"
+        path = Path(self.disk.name) / f"{self.spills}.bin"  # a new name: an older file may still be read
+        self.spills += 1
         self.files.append(path)
         return open(path, "wb")
 

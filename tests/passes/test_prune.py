@@ -408,6 +408,22 @@ def test_forward_steps_give_the_whole_runs_values_as_weights_change(limit):
         assert f.disk is None and (spill is None or not spill.exists())
 
 
+def test_spilled_values_stay_readable_while_files_come_and_go():
+    # h is read until the last step; r's file goes after the third, and the fourth step's new
+    # file must not take the name of y2's, which it reads (it once did, and read back nothing)
+    from onnxopt.graph import import_model
+    from onnxopt.passes.quant.calib import Forward, tapped
+
+    model, data = import_model(skip_chain()), samples(4)
+    steps = (["h"], ["r"], ["y2"], ["z2"])
+    with Forward(data, 0) as fw:
+        got = [list(fw.step(model, names)) for names in steps]
+    with tapped(model, ["h", "r", "y2", "z2"]) as run:
+        want = [run(feeds) for feeds in data]
+    for names, values in zip(steps, got):
+        assert all(np.array_equal(v[n], w[n]) for v, w in zip(values, want) for n in names)
+
+
 def test_a_forward_step_left_early_makes_later_steps_start_from_the_inputs():
     from onnxopt.graph import import_model
     from onnxopt.passes.quant.calib import Forward, tapped
