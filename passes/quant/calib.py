@@ -138,11 +138,11 @@ class Forward:
                 verification.write_for_runtime(export_model(sub), tmp, consume=True))
             del sub
             self.open = True
+            given = (set(inputs) | set(names)) - made  # from kept values or the feeds, as for every sample
             spill = None
             try:
                 for k, (feeds, kept) in enumerate(zip(self.samples, self.kept)):
-                    values = {n: _load(kept[n]) if n in kept else feeds[n] for n in set(inputs) | set(names)
-                              if n in kept or n in feeds}
+                    values = {n: _load(kept[n]) if n in kept else feeds[n] for n in given}
                     got = dict(zip(outputs, session.run(outputs, {n: values[n] for n in inputs})))
                     for name, v in got.items():
                         if self.size + v.nbytes <= self.limit:
@@ -183,11 +183,10 @@ class Forward:
                 v = kept.pop(name)
                 if isinstance(v, np.ndarray):
                     self.size -= v.nbytes
-            used.update(str(v.path) for v in kept.values() if isinstance(v, _OnDisk))
-        for path in self.files:
-            if str(path) not in used:
-                path.unlink(missing_ok=True)
-        self.files = [p for p in self.files if str(p) in used]
+            used.update(v.path for v in kept.values() if isinstance(v, _OnDisk))
+        for path in set(self.files) - used:
+            path.unlink(missing_ok=True)
+        self.files = [p for p in self.files if p in used]
 
     def _drop(self) -> None:
         """Nothing kept any more: every later step runs from the graph inputs."""
