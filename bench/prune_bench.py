@@ -7,9 +7,9 @@ inside --min-cosine 0.99, and 2:4 in every layer the budget allows. `--extra-cal
 adds N calibration sentences (text_data.extra) with the evaluation sentences unchanged.
 
 Calibration: docstring sentences (bench/text_data.py, MiniLM's tokenizer); onnxopt holds back the
-last quarter of them, at most 64, for its own budget check. Fidelity is measured on separate evaluation sentences
-none of the runs sees: the sentence embedding's cosine against the float model (mean and worst)
-and nearest-neighbour agreement among them. Size: the file compressed with zlib (level 6)
+last quarter of them, at most 64, for its own budget check. Fidelity is measured on separate
+evaluation sentences none of the runs sees: the sentence embedding's cosine against the float
+model (mean and worst) and nearest-neighbour agreement among them. Size: the file compressed with zlib (level 6)
 against the float model's, since zeros in dense tensors only shrink a compressed file. No
 latency: onnxruntime's dense kernels run a zeroed weight no faster. Writes bench/prune.md and
 bench/prune.json.
