@@ -161,6 +161,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     notes: list[str] = []
     samples = verification.load_calibration(calibration_data, m.graph) if calibration_data is not None else None
     calibration, evaluation = verification.split_samples(samples) if samples else (None, None)
+    if given is not None and samples:  # the given inputs verify: nothing need be held back
+        calibration = samples
     if given is not None or not evaluation:
         evaluation = None
         needed = verify != "none" or "quant" in ordered or "prune" in ordered  # lossy passes measure on these

@@ -73,9 +73,9 @@ class Progress:
                    "default: the most --min-cosine allows.")
 @click.option("--calibration-data", "calibration_path", metavar="PATH",
               help="Calibration samples: an .npz with one array per input (first axis = samples), or a folder "
-                   "of .npz files with one sample each. The last quarter (at most 64 samples) is held back: the "
-                   "error budget and the final verification are measured on it when no --inputs are given; "
-                   "the rest calibrates.")
+                   "of .npz files with one sample each. Without --inputs, the last quarter (at most 64 samples) "
+                   "is held back: the error budget and the final verification are measured on it, and the rest "
+                   "calibrates; with --inputs, those verify and every sample calibrates.")
 @click.option("--min-cosine", type=float, metavar="C",
               help="Error budget of lossy passes: every output's mean cosine similarity against the original "
                    "model must be at least C (default 0.999 for fp16 and mixed, 0.98 for int4, else 0.99), or "

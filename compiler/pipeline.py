@@ -51,7 +51,7 @@ class Context:
     sparsity: float | None = None  # the prune pass's target (--sparsity; None: as much as the budget allows)
     min_cosine: float | None = None  # the error budget of lossy passes (--min-cosine)
     min_agreement: float | None = None  # the floor of Softmax outputs' plain argmax agreement (--min-agreement)
-    calibration_data: list[dict] | None = None  # samples to calibrate on (the held-out ones excluded)
+    calibration_data: list[dict] | None = None  # samples to calibrate on (without --inputs, the held-out ones excluded)
     inputs: dict | None = None
     evaluation: list[dict] | None = None  # samples a lossy pass measures its error on: those verification uses
     devices: list[str] | None = None  # the partition pass's devices: built-in names or spec files (--devices)

@@ -292,3 +292,31 @@ def test_sample_model_deterministic_and_idempotent(passes, target, max_opset, tm
     again = onnxopt.optimize(tmp_path / "a.onnx", tmp_path / "c.onnx", passes=lossless, target=target,
                              max_opset=max_opset, verify="none")
     assert [r.counts for r in again.passes] == [{}] * len(lossless)
+
+
+@pytest.mark.parametrize("given, calibrated, evaluated", [(False, 6, 2), (True, 8, 1)])
+def test_calibration_samples_are_held_back_only_without_given_inputs(monkeypatch, tmp_path, given, calibrated,
+                                                                     evaluated):
+    @dataclass
+    class Opts:
+        pass
+
+    seen = {}
+
+    class Recording(Pass):
+        name, summary, Options = "cleanup", "records what it is given", Opts
+
+        def run(self, model, ctx):
+            seen.update(calibration=ctx.calibration_data, evaluation=ctx.evaluation)
+            return {}
+
+    monkeypatch.setattr(onnxopt.passes, "PASSES", [Recording])
+    onnx.save(from_text(SIMPLE_TEXT), tmp_path / "in.onnx")
+    samples = [{"x": np.full((2, 3), i, np.float32)} for i in range(8)]
+    x = {"x": np.full((2, 3), -1, np.float32)}
+    onnxopt.optimize(tmp_path / "in.onnx", tmp_path / "out.onnx", passes=["cleanup"], calibration_data=samples,
+                     inputs=x if given else None)
+    assert [float(s["x"][0, 0]) for s in seen["calibration"]] == list(range(calibrated))
+    assert len(seen["evaluation"]) == evaluated
+    if given:
+        np.testing.assert_array_equal(seen["evaluation"][0]["x"], x["x"])
