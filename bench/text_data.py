@@ -4,7 +4,11 @@ standard library (every machine has them), tokenized with all-MiniLM-L6-v2's Wor
 The sentences are collected in a fixed order and shuffled with a fixed seed; `split` gives the
 calibration and evaluation sets, which never share a sentence, and `extra` more calibration
 sentences for the same evaluation set. The text depends on the Python version (its docstrings)
-and, for `extra`'s last source, numpy's, which the bench tables record.
+and, for `extra`'s last source, numpy's, which the bench tables record; and on the packages
+installed beside them, since the modules of site-packages are imported (then skipped) and a few
+change what a standard module shows: 3458 sentences with the project and bench/requirements.txt
+installed as the README says (where the bench tables ran), 3457 in an environment with torch,
+3460 with no site-packages module imported; the shuffle, and so every split, then differs.
 
     python bench/text_data.py --out DIR --calibration 256 --evaluation 128
 writes DIR/calibration/*.npz and DIR/evaluation/*.npz, one tokenized sentence per file (its own
