@@ -160,11 +160,10 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLi
     before = {"nodes": count_nodes(m.graph), "params": count_params(m.graph), "size": size_before}
     notes: list[str] = []
     samples = verification.load_calibration(calibration_data, m.graph) if calibration_data is not None else None
-    calibration, evaluation = verification.split_samples(samples) if samples else (None, None)
-    if given is not None and samples:  # the given inputs verify: nothing need be held back
-        calibration = samples
-    if given is not None or not evaluation:
-        evaluation = None
+    calibration, evaluation = samples or None, None  # with given inputs, those verify: nothing is held back
+    if samples and given is None:
+        calibration, evaluation = verification.split_samples(samples)
+    if not evaluation:
         needed = verify != "none" or "quant" in ordered or "prune" in ordered  # lossy passes measure on these
         if needed or "partition" in ordered:  # partition's cost model takes the sample's shapes
             try:
