@@ -14,7 +14,9 @@ sparse tensor cores and TensorRT run), in every layer the budget allows, the mos
 layers kept dense. Both prune with calibration data by a mask search on each layer's calibration
 inputs and a least-squares refit of the weights kept (sparse.py); without, by magnitude. The
 plan found on the original model's activations is then pruned again stage by stage against the
-original model (teacher.py), and that is kept where it measures better.
+original model (teacher.py), and that is kept where it measures better. Last, with enough
+calibration samples, the kept weights, biases and LayerNormalizations are trained end to end
+toward the original model with the zeros fixed (distill.py), kept where that measures better.
 
 Sites: MatMul and Gemm with a constant 2-D weight, and onnxruntime's Attention (its packed QKV
 weight). A weight another node also reads is left alone. Zeros in dense tensors shrink the file
@@ -37,6 +39,9 @@ from onnxopt.pipeline import Pass
 from ..quant.budget import Measure, copy_model, fit_budget, score_name
 from ..quant.calib import input_products
 from . import sparse
+from .distill import EPOCHS as DISTILL_EPOCHS
+from .distill import LEARNING_RATE as DISTILL_RATE
+from .distill import distill as distill_end_to_end
 from .structured import budget_share, run_structured
 from .teacher import prune_sequential
 
@@ -68,6 +73,8 @@ class PrunePass(Pass):
         fallback: bool = True  # 2:4: layers go back to dense until the budget holds
         adaptive: bool = True  # unstructured: a sparsity per layer from measured sensitivity (needs calibration data)
         sequential: bool = True  # the final plan pruned (structured: refitted) stage by stage against the original
+        distill: int = DISTILL_EPOCHS  # unstructured and 2:4: epochs of end-to-end distillation (0: none)
+        distill_rate: float = DISTILL_RATE  # its Adam learning rate
 
     def run(self, model, ctx):
         if ctx.prune not in METHODS:
@@ -75,6 +82,7 @@ class PrunePass(Pass):
         if ctx.prune == "structured":
             return run_structured(model, ctx, self.options.sequential)
         graph = model.graph
+        original = copy_model(model)  # the teacher (a copy shares the weights; pruning replaces them)
         sites, skipped = find_sites(graph)
         for label, reason in skipped.items():
             ctx.log(f"prune: {label}: {reason}")
@@ -152,10 +160,18 @@ class PrunePass(Pass):
                     if lo > sparsity:
                         ctx.log(f"prune: stage by stage, the largest sparsity inside the budget: {lo:.3f}")
                         sparsity = lo
-                for site in chosen:
-                    graph.nodes[site.index].inputs[1] = best.graph.nodes[site.index].inputs[1]
+                for site in chosen:  # a Constant of its own (best's node still reads the one it has)
+                    w = best.graph.nodes[site.index].inputs[1]
+                    graph.nodes[site.index].inputs[1] = gs.Constant(w.name, values(w))
         if not sequential:
             rewrite(model, chosen, plan)
+        distilled = None
+        if hessians and chosen and self.options.distill > 0 and any(
+                np.sum(np.asarray(values(graph.nodes[s.index].inputs[1])) == 0) > before[s.index] for s in chosen):
+            distilled = distill_end_to_end(model, original, [graph.nodes[s.index] for s in chosen],
+                                           ctx.calibration_data, measure.score, ctx, self.options.distill,
+                                           self.options.distill_rate)
+            score = distilled["score"] if distilled else score
         layers = []
         row = {s.index: i for i, s in enumerate(sites)}
         for site in chosen:
@@ -172,7 +188,7 @@ class PrunePass(Pass):
                                 "kept_dense": [s.label for s in sites if s not in chosen],
                                 "linear_weights": total, "zeros": zeros,
                                 "measured_cosine": round(score, 6), "refitted": bool(hessians),
-                                "sequential": sequential}
+                                "sequential": sequential, "distilled": distilled or False}
         ctx.log(f"prune: {ctx.prune}: {len(chosen)} of {len(sites)} layers, {zeros} of {total} weights zeroed "
                 f"({zeros / max(total, 1):.1%}), worst output mean {score_name(ctx)} {score:.6f} on "
                 f"{len(ctx.evaluation)} sample(s)")
