@@ -30,7 +30,7 @@ from onnxopt.graph import STANDARD_DOMAINS, export_model, values
 
 from ..quant.budget import copy_model
 
-EPOCHS = 4
+EPOCHS = 6
 BATCH = 16  # samples per step
 LEARNING_RATE = 1e-4  # Adam's, decayed to 0 over the steps on a cosine
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -253,6 +253,46 @@ def _erf(node, xs, ys, g, need, opset):
     return [g * (2.0 / math.sqrt(math.pi)) * np.exp(-xs[0] * xs[0])]
 
 
+def _gelu(node, xs, ys, g, need, opset):
+    x = xs[0].astype(np.float64)
+    if node.attrs.get("approximate", "none") == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        t = np.tanh(c * (x + 0.044715 * x ** 3))
+        slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+    else:  # 0.5 (1 + erf(x / sqrt 2)) + x phi(x), the first read off the output (numpy has no erf)
+        tiny = np.abs(x) < 1e-6
+        first = np.where(tiny, 0.5, ys[0].astype(np.float64) / np.where(tiny, 1.0, x))
+        slope = first + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return [(g * slope).astype(np.float32)]
+
+
+def _slice(node, xs, ys, g, need, opset):
+    x = xs[0]
+    if opset < 10:
+        starts, ends, axes, steps = node.attrs["starts"], node.attrs["ends"], node.attrs.get("axes"), None
+    else:
+        starts, ends = xs[1].tolist(), xs[2].tolist()
+        axes = xs[3].tolist() if len(xs) > 3 and xs[3] is not None else None
+        steps = xs[4].tolist() if len(xs) > 4 and xs[4] is not None else None
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps or [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for a, b, e, step in zip(axes, starts, ends, steps):
+        index[a % x.ndim] = slice(b, e, step)
+    d = np.zeros_like(x)
+    d[tuple(index)] = g
+    return [d] + [None] * (len(xs) - 1)
+
+
+def _gather(node, xs, ys, g, need, opset):
+    x, idx = xs
+    axis = node.attrs.get("axis", 0) % x.ndim
+    idx = np.where(idx < 0, idx + x.shape[axis], idx).ravel()
+    d = np.zeros_like(x)
+    np.add.at(d, (slice(None),) * axis + (idx,), g.reshape(x.shape[:axis] + (idx.size,) + x.shape[axis + 1:]))
+    return [d, None]
+
+
 def _tanh(node, xs, ys, g, need, opset):
     return [g * (1.0 - ys[0] * ys[0])]
 
@@ -353,9 +393,10 @@ GRADIENTS = {
     "Add": _add, "Sub": _sub, "Mul": _mul, "Div": _div, "Sum": _sum, "Neg": _neg,
     "MatMul": _matmul, "Gemm": _gemm, "Transpose": _transpose,
     "Reshape": _same, "Flatten": _same, "Squeeze": _same, "Unsqueeze": _same, "Identity": _same,
-    "Expand": _expand, "Concat": _concat, "Where": _where, "Cast": _cast,
+    "Expand": _expand, "Concat": _concat, "Where": _where, "Cast": _cast, "Slice": _slice, "Gather": _gather,
     "LayerNormalization": _layer_norm, "Softmax": _softmax,
-    "Erf": _erf, "Tanh": _tanh, "Sigmoid": _sigmoid, "Relu": _relu, "Sqrt": _sqrt, "Exp": _exp, "Pow": _pow,
+    "Erf": _erf, "Gelu": _gelu, "Tanh": _tanh, "Sigmoid": _sigmoid, "Relu": _relu,
+    "Sqrt": _sqrt, "Exp": _exp, "Pow": _pow,
     "ReduceSum": _reduce_sum, "ReduceMean": _reduce_mean, "ReduceL2": _reduce_l2, "Clip": _clip,
 }
 
