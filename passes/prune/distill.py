@@ -75,12 +75,26 @@ def trainable(graph: gs.Graph, nodes: list[gs.Node]) -> dict[str, str]:
 
 
 def _live(graph: gs.Graph, params: set[str]) -> set[int]:
-    """ids of the tensors whose value depends on the params through ops with a gradient."""
+    """ids of the tensors whose value depends on the params through ops with a gradient (float32
+    ones: integers and booleans carry none). Raises Unsupported where such a value becomes
+    another floating type, which the reverse pass does not follow."""
     live = {id(t) for t in graph.tensors().values() if t.name in params}
     for node in graph.nodes:
         if node.op not in NO_GRADIENT and any(id(t) in live for t in node.inputs):
-            live.update(id(t) for t in node.outputs if t.dtype is None or np.dtype(t.dtype) == np.float32)
+            for t in node.outputs:
+                kind = np.float32 if t.dtype is None else _dtype(t.dtype)
+                if kind == np.float32:
+                    live.add(id(t))
+                elif kind is None or np.issubdtype(kind, np.floating):
+                    raise Unsupported(f"{node.op} ({node.name}) makes {t.name} of type {t.dtype}")
     return live
+
+
+def _dtype(dtype) -> np.dtype | None:
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return None
 
 
 class Plan:
@@ -103,6 +117,8 @@ class Plan:
                 continue
             if node.domain not in STANDARD_DOMAINS or node.op not in GRADIENTS:
                 raise Unsupported(f"{node.op} ({node.name}) has no gradient here")
+            if any(t.name in wanted for t in node.outputs[1:]):
+                raise Unsupported(f"{node.op} ({node.name}): only its first output has a gradient here")
             self.nodes.append(node)
             wanted.update(t.name for t in inputs)
         self.live = {t.name for n in self.nodes for t in n.inputs + n.outputs if id(t) in live}
@@ -424,11 +440,14 @@ def distill(model, teacher, nodes: list[gs.Node], samples: list[dict], score, ct
                 "not run")
         return None
     graph = model.graph
-    kinds = trainable(graph, nodes)
     try:
+        kinds = trainable(graph, nodes)
         plan = Plan(graph, set(kinds))
     except Unsupported as e:
         ctx.log(f"prune: distillation not run: {e}")
+        return None
+    if not plan.targets:
+        ctx.log("prune: distillation not run: no output or LayerNormalization depends on the pruned weights")
         return None
     tensors = graph.tensors()
     size = sum(int(np.prod(tensors[n].shape)) for n in kinds)

@@ -111,10 +111,20 @@ def test_gradients_match_finite_differences(case):
             assert analytic == pytest.approx(numeric, rel=2e-3, abs=2e-3), name
 
 
-def test_an_op_without_a_gradient_stops_it():
-    model = import_model(single("Cos", {"a": A}))
+def test_what_the_reverse_pass_cannot_follow_stops_it():
     with pytest.raises(distill.Unsupported, match="Cos"):
-        distill.Plan(model.graph, {"a"})
+        distill.Plan(import_model(single("Cos", {"a": A})).graph, {"a"})
+    mean = single("LayerNormalization", {"x": A, "s": B}, extra_nodes=[oh.make_node("Neg", ["m"], ["y"])])
+    mean.graph.node[0].output[:] = ["t", "m"]  # y reads LayerNormalization's mean output
+    with pytest.raises(distill.Unsupported, match="only its first output"):
+        distill.Plan(import_model(mean).graph, {"x"})
+    double = single("Cast", {"a": A}, {"to": onnx.TensorProto.DOUBLE},
+                    extra_nodes=[oh.make_node("Cast", ["t"], ["y"], to=F)])
+    with pytest.raises(distill.Unsupported, match="of type"):
+        distill.Plan(import_model(double).graph, {"a"})
+    ints = single("Cast", {"a": A}, {"to": onnx.TensorProto.INT64},
+                  extra_nodes=[oh.make_node("Cast", ["t"], ["y"], to=F)])
+    assert distill.Plan(import_model(ints).graph, {"a"}).nodes == []  # no gradient through integers
 
 
 def test_deferred_weight_gradients_are_the_same():
