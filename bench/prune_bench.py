@@ -9,7 +9,9 @@ adds N calibration sentences (text_data.extra) with the evaluation sentences unc
 Calibration: docstring sentences (bench/text_data.py, MiniLM's tokenizer); onnxopt holds back the
 last quarter of them, at most 64, for its own budget check. Fidelity is measured on separate
 evaluation sentences none of the runs sees: the sentence embedding's cosine against the float
-model (mean and worst) and nearest-neighbour agreement among them. Size: the file compressed with zlib (level 6)
+model (mean and worst) and nearest-neighbour agreement among them; whether the run's end-to-end
+distillation was kept (`prune.distill`), with the epoch kept and onnxopt's own held-back score
+(the worst output's mean cosine) before and after it. Size: the file compressed with zlib (level 6)
 against the float model's, since zeros in dense tensors only shrink a compressed file. No
 latency: onnxruntime's dense kernels run a zeroed weight no faster. Writes bench/prune.md and
 bench/prune.json.
@@ -94,7 +96,7 @@ def main():
             row = {"model": name, "run": label, "seconds": round(time.perf_counter() - start, 1),
                    "sparsity_of_linear_weights": d["zeros"] / d["linear_weights"],
                    "layers": f"{len(d['layers'])} of {len(d['layers']) + len(d['kept_dense'])}",
-                   "compressed_size": compressed(out) / compressed(src)}
+                   "compressed_size": compressed(out) / compressed(src), "distilled": d.get("distilled") or False}
             row.update(ib.fidelity(ref, ib.outputs(out, ev)))
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -106,11 +108,14 @@ def main():
              f"{args.evaluation} separate evaluation sentences. Sparsity: zeros among the pruned layers' "
              "weights and the dense ones. Size: zlib-compressed file against the float model's.", "",
              "| model | run | sparsity | layers pruned | embedding cosine mean / worst | nearest-neighbour agreement "
-             "| compressed size | time s |", "|---|---|---|---|---|---|---|---|"]
+             "| compressed size | distilled: epoch kept, held-back score before -> after | time s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        k = r["distilled"]
+        distilled = f"{k['epochs']}, {k['score_before']:.4f} -> {k['score']:.4f}" if k else "no"
         lines.append(f"| {r['model']} | {r['run']} | {r['sparsity_of_linear_weights']:.3f} | {r['layers']} | "
                      f"{r['emb_mean']:.4f} / {r['emb_min']:.4f} | {r['nn_agree']:.3f} | {r['compressed_size']:.3f} | "
-                     f"{r['seconds']} |")
+                     f"{distilled} | {r['seconds']} |")
     lines.append("")
     (BENCH / f"{args.table}.md").write_text("\n".join(lines))
     (BENCH / f"{args.table}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
