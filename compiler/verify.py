@@ -260,13 +260,18 @@ def run_model(path: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return run_samples(path, [feeds])[0]
 
 
-def reference_session(path: str):
+def reference_session(path: str, spin: bool = True):
     """An onnxruntime session on the CPU provider with graph optimizations off, as every
-    reference and verification run uses. Raises RuntimeUnavailable when it cannot load."""
+    reference and verification run uses. Raises RuntimeUnavailable when it cannot load.
+    spin=False: its threads do not spin once a run ends (for callers that compute on the same
+    cores between runs)."""
     import onnxruntime as ort
 
+    options = reference_options()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(path, reference_options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise RuntimeUnavailable(f"onnxruntime cannot load the model: {_short(e)}") from None
 

@@ -165,13 +165,6 @@ class PrunePass(Pass):
                     graph.nodes[site.index].inputs[1] = gs.Constant(w.name, values(w))
         if not sequential:
             rewrite(model, chosen, plan)
-        distilled = None
-        if hessians and chosen and self.options.distill > 0 and any(
-                np.sum(np.asarray(values(graph.nodes[s.index].inputs[1])) == 0) > before[s.index] for s in chosen):
-            distilled = distill_end_to_end(model, original, [graph.nodes[s.index] for s in chosen],
-                                           ctx.calibration_data, measure.score, ctx, self.options.distill,
-                                           self.options.distill_rate)
-            score = distilled["score"] if distilled else score
         layers = []
         row = {s.index: i for i, s in enumerate(sites)}
         for site in chosen:
@@ -181,6 +174,12 @@ class PrunePass(Pass):
                            "newly_zeroed": zeros - before[site.index], "sparsity": round(zeros / w.size, 4)})
             if curves is not None and isinstance(plan, dict):  # 1 - cosine with this layer alone, estimated
                 layers[-1]["estimated_loss"] = round(float(curves[row[site.index], LEVELS.index(plan[site.index])]), 6)
+        distilled = None  # the zeros stay where they are: `layers` holds after it
+        if hessians and self.options.distill > 0 and any(layer["newly_zeroed"] > 0 for layer in layers):
+            distilled = distill_end_to_end(model, original, [graph.nodes[s.index] for s in chosen],
+                                           ctx.calibration_data, measure.score, ctx, self.options.distill,
+                                           self.options.distill_rate)
+            score = distilled["score"] if distilled else score
         total = sum(s.params for s in sites)
         zeros = sum(layer["zeros"] for layer in layers)
         ctx.details["prune"] = {"method": ctx.prune, "sparsity": sparsity, "adaptive": isinstance(plan, dict),

@@ -21,16 +21,15 @@ did in a scratch run of the same training. It needs thousands of samples: on 960
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt import verify as verification
-from onnxopt.graph import STANDARD_DOMAINS, export_model, values
+from onnxopt.graph import STANDARD_DOMAINS, values
 
 from ..quant.budget import copy_model
+from ..quant.calib import tapped
 
 EPOCHS = 6
 BATCH = 16  # samples per step
@@ -338,7 +337,7 @@ def _pow(node, xs, ys, g, need, opset):
     return [_fit(g * p * np.power(x, p - 1), x.shape), None]
 
 
-def _reduce_axes(node, xs, opset) -> tuple[tuple[int, ...], bool]:
+def _reduce_axes(node, xs) -> tuple[tuple[int, ...], bool]:
     axes = node.attrs.get("axes")
     if axes is None and len(xs) > 1 and xs[1] is not None:
         axes = [int(a) for a in np.asarray(xs[1]).ravel()]
@@ -350,27 +349,27 @@ def _reduce_axes(node, xs, opset) -> tuple[tuple[int, ...], bool]:
     return tuple(sorted(a % ndim for a in axes)), bool(node.attrs.get("keepdims", 1))
 
 
-def _kept(g, x, axes, keepdims):
+def _kept(g, axes, keepdims):
     return g if keepdims else np.expand_dims(g, axes)
 
 
 def _reduce_sum(node, xs, ys, g, need, opset):
-    axes, keep = _reduce_axes(node, xs, opset)
-    return [np.broadcast_to(_kept(g, xs[0], axes, keep), xs[0].shape).copy()] + [None] * (len(xs) - 1)
+    axes, keep = _reduce_axes(node, xs)
+    return [np.broadcast_to(_kept(g, axes, keep), xs[0].shape).copy()] + [None] * (len(xs) - 1)
 
 
 def _reduce_mean(node, xs, ys, g, need, opset):
-    axes, keep = _reduce_axes(node, xs, opset)
+    axes, keep = _reduce_axes(node, xs)
     count = int(np.prod([xs[0].shape[a] for a in axes]))
-    return [np.broadcast_to(_kept(g, xs[0], axes, keep) / count, xs[0].shape).copy()] + [None] * (len(xs) - 1)
+    return [np.broadcast_to(_kept(g, axes, keep) / count, xs[0].shape).copy()] + [None] * (len(xs) - 1)
 
 
 def _reduce_l2(node, xs, ys, g, need, opset):
-    axes, keep = _reduce_axes(node, xs, opset)
+    axes, keep = _reduce_axes(node, xs)
     x = xs[0]
-    y = _kept(ys[0], x, axes, keep)
+    y = _kept(ys[0], axes, keep)
     ratio = np.divide(x, y, out=np.zeros_like(x), where=y != 0)
-    return [_kept(g, x, axes, keep) * ratio] + [None] * (len(xs) - 1)
+    return [_kept(g, axes, keep) * ratio] + [None] * (len(xs) - 1)
 
 
 def _clip(node, xs, ys, g, need, opset):
@@ -465,7 +464,8 @@ def distill(model, teacher, nodes: list[gs.Node], samples: list[dict], score, ct
     steps = epochs * math.ceil(len(samples) / BATCH)
     step = 0
     rng = np.random.default_rng(0)
-    with _session(teacher, {}, plan.targets) as targets, _session(model, params, plan.fetch) as forward:
+    with (tapped(teacher, plan.targets, spin=False) as targets,  # no spinning: numpy runs between runs
+          tapped(with_inputs(model, params), plan.fetch, spin=False) as forward):
         for epoch in range(epochs):
             start, total = time.time(), 0.0
             order = rng.permutation(len(samples))
@@ -474,11 +474,11 @@ def distill(model, teacher, nodes: list[gs.Node], samples: list[dict], score, ct
                 pending = {n: [] for n in masks}
                 batch = order[i:i + BATCH]
                 for j in batch:
-                    vals = forward(samples[j], params)
+                    feeds = {**samples[j], **params}
+                    vals = forward(feeds)
                     loss, seeds = loss_seeds(vals, targets(samples[j]), plan.targets)
                     total += loss
-                    vals.update(samples[j])
-                    vals.update(params)
+                    vals.update(feeds)
                     try:
                         got = plan.backward(vals, seeds, pending)
                     except Unsupported as e:
@@ -529,48 +529,13 @@ def _set(graph: gs.Graph, params: dict) -> None:
                 node.inputs[k] = gs.Constant(t.name, params[t.name].copy())
 
 
-class _session:
-    """A session of a copy of the model whose `params` (name -> value) are graph inputs and whose
-    `fetch` tensors are outputs: run(feeds, params) -> {name: value}. Its threads do not spin
-    once a run ends (the reverse pass runs between runs, on the same cores)."""
-
-    def __init__(self, model, params: dict, fetch: list[str]):
-        self.model, self.params, self.fetch = model, params, fetch
-
-    def __enter__(self):
-        import onnxruntime as ort
-
-        m = copy_model(self.model)
-        tensors = m.graph.tensors()
-        swap = {}
-        for name, p in self.params.items():
-            swap[name] = gs.Variable(name, dtype=np.float32, shape=list(p.shape))
-            m.graph.inputs.append(swap[name])
-        for node in m.graph.nodes:
-            for k, t in enumerate(node.inputs):
-                if isinstance(t, gs.Constant) and t.name in swap:
-                    node.inputs[k] = swap[t.name]
-        have = {t.name for t in m.graph.outputs}
-        for name in self.fetch:
-            t = tensors[name]
-            if name not in have:
-                if t.dtype is None:
-                    t.dtype = np.float32
-                m.graph.outputs.append(t)
-        self.tmp = tempfile.TemporaryDirectory(prefix="onnxopt-")
-        path = verification.write_for_runtime(export_model(m), self.tmp.name, consume=True)
-        del m
-        options = verification.reference_options()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        wanted = {i.name for i in session.get_inputs()}
-
-        def run(feeds: dict, params: dict | None = None) -> dict:
-            given = {k: v for k, v in feeds.items() if k in wanted}
-            given.update(params or {})
-            return dict(zip(self.fetch, session.run(self.fetch, given)))
-
-        return run
-
-    def __exit__(self, *exc):
-        self.tmp.cleanup()
+def with_inputs(model, params: dict):
+    """A copy of the model whose constants named in `params` (name -> value) are graph inputs."""
+    m = copy_model(model)
+    swap = {name: gs.Variable(name, dtype=np.float32, shape=list(p.shape)) for name, p in params.items()}
+    m.graph.inputs.extend(swap.values())
+    for node in m.graph.nodes:
+        for k, t in enumerate(node.inputs):
+            if isinstance(t, gs.Constant) and t.name in swap:
+                node.inputs[k] = swap[t.name]
+    return m

@@ -29,9 +29,9 @@ def observe(model, names: list[str], samples: list[dict], each: Callable[[dict[s
 
 
 @contextmanager
-def tapped(model, names: list[str]) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
+def tapped(model, names: list[str], spin: bool = True) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
     """A session of a copy of `model` whose tensors `names` are also outputs: yields
-    run(feeds) -> {name: value} for one sample."""
+    run(feeds) -> {name: value} for one sample (spin: `verify.reference_session`'s)."""
     m = copy_model(model)
     tensors = m.graph.tensors()
     have = {t.name for t in m.graph.outputs}
@@ -44,7 +44,7 @@ def tapped(model, names: list[str]) -> Iterator[Callable[[dict], dict[str, np.nd
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
         path = verification.write_for_runtime(export_model(m), tmp, consume=True)
         del m
-        session = verification.reference_session(path)
+        session = verification.reference_session(path, spin)
         wanted = {i.name for i in session.get_inputs()}
 
         def run(feeds: dict) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ import onnxopt
 from models.builders import run
 from onnxopt.graph import import_model
 from onnxopt.passes.prune import distill, sparse
+from onnxopt.passes.quant.calib import tapped
 
 F = onnx.TensorProto.FLOAT
 
@@ -93,8 +94,8 @@ def test_gradients_match_finite_differences(case):
     plan = distill.Plan(model.graph, set(trained))
     tensors = model.graph.tensors()
     params = {n: np.asarray(tensors[n].values).copy() for n in trained}
-    with distill._session(model, params, plan.fetch) as forward:
-        vals = forward({}, params)
+    with tapped(distill.with_inputs(model, params), plan.fetch) as forward:
+        vals = forward(params)
         r = rand(vals["y"].shape, 99)
         vals.update(params)
         grads = plan.backward(vals, {"y": r})
@@ -104,7 +105,7 @@ def test_gradients_match_finite_differences(case):
 
             def loss(step):
                 moved = dict(params, **{name: params[name] + step * v})
-                return float(np.sum(forward({}, moved)["y"].astype(np.float64) * r))
+                return float(np.sum(forward(moved)["y"].astype(np.float64) * r))
 
             numeric = (loss(eps) - loss(-eps)) / (2 * eps)
             analytic = float(np.sum(distill._fit(grads[name], v.shape) * v))
